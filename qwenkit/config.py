@@ -1,0 +1,203 @@
+"""QwenConfig: the model config with Hugging Face field names, read from any released spelling.
+
+`QwenConfig.from_dict(config_json)` accepts a config.json of the qwen2, qwen2_moe, qwen3 and
+qwen3_moe lines, ignores keys it does not use, and normalises the rope settings (which have been
+spelled `rope_scaling` with `type` or `rope_type`, `rope_parameters`, and `rope_theta` at the
+top level) into one `rope` dict. The object is frozen: nothing mutates a config after construction.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+MODEL_TYPES = ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe")
+ROPE_TYPES = ("default", "linear", "dynamic", "yarn")
+
+
+@dataclass(frozen=True)
+class QwenConfig:
+    model_type: str = "qwen2"
+    vocab_size: int = 151936
+    hidden_size: int = 896
+    intermediate_size: int = 4864
+    num_hidden_layers: int = 24
+    num_attention_heads: int = 14
+    num_key_value_heads: int = 2
+    head_dim: int = 0  # 0: hidden_size // num_attention_heads (set in __post_init__)
+    max_position_embeddings: int = 32768
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    hidden_act: str = "silu"
+    # Attention flavour: Qwen2.x has q/k/v biases; Qwen3 normalises q and k per head instead.
+    qkv_bias: bool = True
+    o_bias: bool = False
+    qk_norm: bool = False
+    # Rope, normalised: {"rope_type", "rope_theta", "factor", "original_max_position_embeddings", ...}
+    rope: dict = field(default_factory=lambda: {"rope_type": "default", "rope_theta": 1e6})
+    # Sliding-window attention (off in every released Qwen checkpoint, kept for parity).
+    sliding_window: int | None = None
+    layer_types: tuple[str, ...] = ()
+    # Mixture of experts (num_experts == 0: dense).
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple[int, ...] = ()
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    pad_token_id: int | None = None
+
+    def __post_init__(self):
+        if self.model_type not in MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {self.model_type!r}; qwenkit supports {', '.join(MODEL_TYPES)}")
+        if not self.head_dim:
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_attention_heads}) is not a multiple of "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.rope.get("rope_type") not in ROPE_TYPES:
+            raise ConfigError(f"unsupported rope type {self.rope.get('rope_type')!r}; supported: {', '.join(ROPE_TYPES)}")
+
+    # ---- derived --------------------------------------------------------------------------
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_sparse_layer(self, layer_idx: int) -> bool:
+        """The qwen2_moe/qwen3_moe rule for which decoder layers hold experts."""
+        return (
+            self.is_moe
+            and layer_idx not in self.mlp_only_layers
+            and (layer_idx + 1) % self.decoder_sparse_step == 0
+        )
+
+    def window_of(self, layer_idx: int) -> int | None:
+        if self.layer_types and self.layer_types[layer_idx] == "sliding_attention":
+            return self.sliding_window
+        return None
+
+    def replace(self, **changes) -> "QwenConfig":
+        return dataclasses.replace(self, **changes)
+
+    # ---- reading ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "QwenConfig":
+        d = dict(d)
+        if "text_config" in d and "hidden_size" not in d:
+            d = {**d["text_config"], **{k: v for k, v in d.items() if k == "model_type"}}
+        model_type = d.get("model_type")
+        if model_type is None:
+            raise ConfigError("config has no model_type")
+        if model_type not in MODEL_TYPES:
+            raise ConfigError(f"unknown model_type {model_type!r}; qwenkit supports {', '.join(MODEL_TYPES)}")
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
+        kw.pop("rope", None)
+        kw["rope"] = normalise_rope(d)
+        kw["qkv_bias"], kw["o_bias"] = _attention_biases(model_type, d)
+        kw["qk_norm"] = model_type.startswith("qwen3")
+        kw.update(_sliding_fields(d))
+        kw["mlp_only_layers"] = tuple(d.get("mlp_only_layers") or ())
+        eos = d.get("eos_token_id")
+        kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
+        if model_type == "qwen3" and "head_dim" not in d:
+            kw["head_dim"] = 128  # transformers' Qwen3Config default
+        if model_type == "qwen2_moe" and "shared_expert_intermediate_size" not in d:
+            kw["shared_expert_intermediate_size"] = 5632
+        return cls(**kw)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "QwenConfig":
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            d = json.loads(path.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise ConfigError(f"{path}: not valid JSON ({e})") from None
+        try:
+            return cls.from_dict(d)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{path}: bad field value ({e})") from None
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """A config.json that transformers reads back into the same model."""
+        d = {k: v for k, v in dataclasses.asdict(self).items() if k not in ("rope", "qkv_bias", "o_bias", "qk_norm")}
+        d["architectures"] = [_ARCH_NAMES[self.model_type]]
+        d["layer_types"] = list(self.layer_types) or None
+        d["mlp_only_layers"] = list(self.mlp_only_layers)
+        d["eos_token_id"] = list(self.eos_token_id) if len(self.eos_token_id) != 1 else self.eos_token_id[0]
+        d["rope_theta"] = self.rope["rope_theta"]
+        scaling = {k: v for k, v in self.rope.items() if k != "rope_theta"}
+        d["rope_scaling"] = scaling if scaling.get("rope_type", "default") != "default" else None
+        if self.model_type == "qwen2_moe":
+            d["qkv_bias"] = self.qkv_bias
+        if self.model_type.startswith("qwen3"):
+            d["attention_bias"] = self.qkv_bias
+        if self.sliding_window is not None:
+            d["use_sliding_window"] = True
+        return d
+
+
+_ARCH_NAMES = {
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+
+
+def _attention_biases(model_type: str, d: dict) -> tuple[bool, bool]:
+    """(q/k/v bias, o_proj bias) as each line's transformers class builds them."""
+    if model_type == "qwen2":
+        return True, False
+    if model_type == "qwen2_moe":
+        return bool(d.get("qkv_bias", True)), False
+    bias = bool(d.get("attention_bias", False))
+    return bias, bias
+
+
+def _sliding_fields(d: dict) -> dict:
+    """Per-layer attention kinds: explicit `layer_types`, else Qwen2's max_window_layers rule."""
+    window = d.get("sliding_window") if d.get("use_sliding_window") else None
+    n = d.get("num_hidden_layers", 0)
+    types = d.get("layer_types")
+    if types is None:
+        first = d.get("max_window_layers", 28)
+        types = ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(n)]
+    return {"sliding_window": window, "layer_types": tuple(types)}
+
+
+def normalise_rope(d: dict) -> dict:
+    """One rope dict from every spelling released checkpoints use.
+
+    Accepted: `rope_parameters` (transformers >= 5), `rope_scaling` with `type` or `rope_type`
+    (older), and `rope_theta` at the top level. YaRN's `original_max_position_embeddings`
+    defaults to the model's `max_position_embeddings`, as in transformers.
+    """
+    params = d.get("rope_parameters") or {}
+    scaling = d.get("rope_scaling") or {}
+    rope = {**scaling, **params} if isinstance(params, dict) else dict(scaling)
+    kind = rope.pop("rope_type", None) or rope.pop("type", None) or "default"
+    rope.pop("type", None)
+    if kind == "mrope":  # Qwen2-VL's multimodal rope is plain rope for text
+        kind = "default"
+    rope["rope_type"] = kind
+    theta = rope.get("rope_theta") or d.get("rope_theta") or 10000.0
+    rope["rope_theta"] = float(theta)
+    if kind in ("linear", "dynamic", "yarn") and rope.get("factor") is None and kind != "yarn":
+        raise ConfigError(f"rope type {kind!r} needs a 'factor'")
+    if kind == "yarn":
+        rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 32768))
+    return rope
