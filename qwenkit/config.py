@@ -81,6 +81,16 @@ class QwenConfig:
             and (layer_idx + 1) % self.decoder_sparse_step == 0
         )
 
+    @property
+    def context_length(self) -> int:
+        """Longest sequence the rope settings are meant for (YaRN/dynamic stretch the trained one)."""
+        kind, factor = self.rope["rope_type"], self.rope.get("factor") or 1.0
+        if kind == "yarn":
+            return max(self.max_position_embeddings, int(factor * self.rope["original_max_position_embeddings"]))
+        if kind == "dynamic":
+            return int(factor * self.max_position_embeddings)
+        return self.max_position_embeddings
+
     def window_of(self, layer_idx: int) -> int | None:
         if self.layer_types and self.layer_types[layer_idx] == "sliding_attention":
             return self.sliding_window
@@ -95,12 +105,16 @@ class QwenConfig:
         d = dict(d)
         if "text_config" in d and "hidden_size" not in d:
             d = {**d["text_config"], **{k: v for k, v in d.items() if k == "model_type"}}
+        for alias, name in _ALIASES.items():
+            if alias in d and name not in d:
+                d[name] = d[alias]
         model_type = d.get("model_type")
         if model_type is None:
             raise ConfigError("config has no model_type")
         if model_type not in MODEL_TYPES:
             raise ConfigError(f"unknown model_type {model_type!r}; qwenkit supports {', '.join(MODEL_TYPES)}")
-        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d and d[f.name] is not None}
+        d = {**_MODEL_DEFAULTS.get(model_type, {}), **{k: v for k, v in d.items() if v is not None}}
+        kw = {f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d}
         kw.pop("rope", None)
         kw["rope"] = normalise_rope(d)
         kw["qkv_bias"], kw["o_bias"] = _attention_biases(model_type, d)
@@ -109,10 +123,6 @@ class QwenConfig:
         kw["mlp_only_layers"] = tuple(d.get("mlp_only_layers") or ())
         eos = d.get("eos_token_id")
         kw["eos_token_id"] = tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,))
-        if model_type == "qwen3" and "head_dim" not in d:
-            kw["head_dim"] = 128  # transformers' Qwen3Config default
-        if model_type == "qwen2_moe" and "shared_expert_intermediate_size" not in d:
-            kw["shared_expert_intermediate_size"] = 5632
         return cls(**kw)
 
     @classmethod
@@ -149,6 +159,17 @@ class QwenConfig:
             d["use_sliding_window"] = True
         return d
 
+
+# Names transformers writes for the same field.
+_ALIASES = {"num_local_experts": "num_experts"}
+
+# transformers' defaults for fields a config.json may leave out, where they differ from ours.
+_MODEL_DEFAULTS = {
+    "qwen3": {"head_dim": 128},
+    "qwen2_moe": {"num_experts": 60, "num_experts_per_tok": 4, "moe_intermediate_size": 1408,
+                  "shared_expert_intermediate_size": 5632},
+    "qwen3_moe": {"head_dim": 128, "num_experts": 128, "num_experts_per_tok": 8, "moe_intermediate_size": 768},
+}
 
 _ARCH_NAMES = {
     "qwen2": "Qwen2ForCausalLM",
@@ -199,5 +220,6 @@ def normalise_rope(d: dict) -> dict:
     if kind in ("linear", "dynamic", "yarn") and rope.get("factor") is None and kind != "yarn":
         raise ConfigError(f"rope type {kind!r} needs a 'factor'")
     if kind == "yarn":
-        rope.setdefault("original_max_position_embeddings", d.get("max_position_embeddings", 32768))
+        original = d.get("original_max_position_embeddings") or d.get("max_position_embeddings", 32768)
+        rope.setdefault("original_max_position_embeddings", original)
     return rope

@@ -1,0 +1,52 @@
+"""load_model: a checkpoint directory, a .gguf file or a known model id -> a ready QwenForCausalLM.
+
+The model is built on the meta device (no memory), given uninitialised storage in the target
+dtype once, and filled tensor by tensor from the checkpoint, so loading never holds a second
+full copy of the weights.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from .config import QwenConfig
+from .errors import ConfigError
+from .model.qwen import QwenForCausalLM
+from .model.weight_map import load_tensors
+
+
+def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCausalLM:
+    """An uninitialised model with storage allocated (call `init_weights` or load a checkpoint)."""
+    with torch.device("meta"):
+        model = QwenForCausalLM(cfg)
+    model = model.to(dtype=dtype).to_empty(device=device)
+    if cfg.tie_word_embeddings:  # to_empty re-creates parameters, which unties them
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model
+
+
+def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, device="cpu",
+               progress: bool = False) -> QwenForCausalLM:
+    """Load a Qwen model from an HF-format directory, a .gguf file, or a model id."""
+    from .weights import open_checkpoint
+    from .weights.hub import resolve
+
+    path = resolve(None if path_or_id is None else str(path_or_id))
+    ckpt = open_checkpoint(path)
+    try:
+        cfg = QwenConfig.from_dict(ckpt.config)
+    except ConfigError as e:
+        raise ConfigError(f"{ckpt.source}: {e}") from None
+    if ckpt.eos_token_ids:
+        cfg = cfg.replace(eos_token_id=tuple(ckpt.eos_token_ids))
+    model = build_model(cfg, dtype, device)
+    tensors = ckpt.tensors()
+    if progress:
+        from tqdm import tqdm
+
+        tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
+    load_tensors(model, tensors, ckpt.source)
+    model.source = str(path)
+    return model.eval()
