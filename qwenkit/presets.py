@@ -1,0 +1,122 @@
+"""Official model shapes: every released Qwen2.5, Qwen2-MoE, Qwen3 and Qwen3-MoE size as config.json dicts.
+
+Each entry holds the released config.json values (Hugging Face field names) that decide the
+model's shape and numerics, so `get_preset(name)` gives the same `QwenConfig` that reading the
+checkpoint's own config.json would. Instruct and Coder releases that share a base model's shape
+are derived from it, changing only the fields their config.json changes (end-of-sequence token,
+context length, norm epsilon).
+"""
+
+from __future__ import annotations
+
+from .config import QwenConfig
+from .errors import ConfigError
+
+BOS = 151643  # <|endoftext|>: bos of every line, and eos of the base (pretrained-only) releases
+IM_END = 151645  # <|im_end|>: eos of the chat releases
+
+
+def _qwen2(**fields) -> dict:
+    return {
+        "model_type": "qwen2", "hidden_act": "silu", "rope_theta": 1000000.0, "rms_norm_eps": 1e-6,
+        "use_sliding_window": False, "bos_token_id": BOS, "eos_token_id": BOS, **fields,
+    }
+
+
+def _qwen2_moe(**fields) -> dict:
+    return _qwen2(model_type="qwen2_moe", decoder_sparse_step=1, norm_topk_prob=False, mlp_only_layers=[], **fields)
+
+
+def _qwen3(**fields) -> dict:
+    return {
+        "model_type": "qwen3", "hidden_act": "silu", "head_dim": 128, "rope_theta": 1000000.0,
+        "rms_norm_eps": 1e-6, "max_position_embeddings": 40960, "attention_bias": False,
+        "use_sliding_window": False, "vocab_size": 151936, "bos_token_id": BOS, "eos_token_id": IM_END,
+        **fields,
+    }
+
+
+def _qwen3_moe(**fields) -> dict:
+    return _qwen3(model_type="qwen3_moe", tie_word_embeddings=False, decoder_sparse_step=1,
+                  norm_topk_prob=True, mlp_only_layers=[], num_experts=128, num_experts_per_tok=8, **fields)
+
+
+PRESETS: dict[str, dict] = {
+    # Qwen2.5 base releases (Qwen/Qwen2.5-*)
+    "qwen2.5-0.5b": _qwen2(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                           num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
+                           tie_word_embeddings=True),
+    "qwen2.5-1.5b": _qwen2(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
+                           num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=131072,
+                           tie_word_embeddings=True),
+    "qwen2.5-3b": _qwen2(vocab_size=151936, hidden_size=2048, intermediate_size=11008, num_hidden_layers=36,
+                         num_attention_heads=16, num_key_value_heads=2, max_position_embeddings=32768,
+                         tie_word_embeddings=True),
+    "qwen2.5-7b": _qwen2(vocab_size=152064, hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
+                         num_attention_heads=28, num_key_value_heads=4, max_position_embeddings=131072,
+                         tie_word_embeddings=False),
+    "qwen2.5-14b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=13824, num_hidden_layers=48,
+                          num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=131072,
+                          tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "qwen2.5-32b": _qwen2(vocab_size=152064, hidden_size=5120, intermediate_size=27648, num_hidden_layers=64,
+                          num_attention_heads=40, num_key_value_heads=8, max_position_embeddings=131072,
+                          tie_word_embeddings=False, rms_norm_eps=1e-5),
+    "qwen2.5-72b": _qwen2(vocab_size=152064, hidden_size=8192, intermediate_size=29568, num_hidden_layers=80,
+                          num_attention_heads=64, num_key_value_heads=8, max_position_embeddings=131072,
+                          tie_word_embeddings=False, rms_norm_eps=1e-5),
+    # Mixture-of-experts releases of the Qwen2 line (shared expert, qkv bias)
+    "qwen1.5-moe-a2.7b": _qwen2_moe(vocab_size=151936, hidden_size=2048, intermediate_size=5632,
+                                    num_hidden_layers=24, num_attention_heads=16, num_key_value_heads=16,
+                                    max_position_embeddings=8192, tie_word_embeddings=False, num_experts=60,
+                                    num_experts_per_tok=4, moe_intermediate_size=1408,
+                                    shared_expert_intermediate_size=5632),
+    "qwen2-57b-a14b": _qwen2_moe(vocab_size=151936, hidden_size=3584, intermediate_size=18944,
+                                 num_hidden_layers=28, num_attention_heads=28, num_key_value_heads=4,
+                                 max_position_embeddings=131072, tie_word_embeddings=False, num_experts=64,
+                                 num_experts_per_tok=8, moe_intermediate_size=2560,
+                                 shared_expert_intermediate_size=20480),
+    # Qwen3 (Qwen/Qwen3-*, the hybrid-thinking releases)
+    "qwen3-0.6b": _qwen3(hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-1.7b": _qwen3(hidden_size=2048, intermediate_size=6144, num_hidden_layers=28, num_attention_heads=16,
+                         num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-4b": _qwen3(hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=True),
+    "qwen3-8b": _qwen3(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32,
+                       num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen3-14b": _qwen3(hidden_size=5120, intermediate_size=17408, num_hidden_layers=40, num_attention_heads=40,
+                        num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen3-32b": _qwen3(hidden_size=5120, intermediate_size=25600, num_hidden_layers=64, num_attention_heads=64,
+                        num_key_value_heads=8, tie_word_embeddings=False),
+    "qwen3-30b-a3b": _qwen3_moe(hidden_size=2048, intermediate_size=6144, num_hidden_layers=48,
+                                num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768),
+    "qwen3-235b-a22b": _qwen3_moe(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
+                                  num_attention_heads=64, num_key_value_heads=4, moe_intermediate_size=1536),
+}
+
+
+def _chat_release(base: str, **changes) -> dict:
+    """A chat release of `base`: same shape, <|im_end|> as eos, the 32K context its config.json states."""
+    return {**PRESETS[base], "eos_token_id": IM_END, "max_position_embeddings": 32768, **changes}
+
+
+# Qwen2.5-*-Instruct: the 14B/32B/72B instruct configs use eps 1e-6 where their base releases use 1e-5.
+PRESETS.update({f"{base}-instruct": _chat_release(base, rms_norm_eps=1e-6) for base in (
+    "qwen2.5-0.5b", "qwen2.5-1.5b", "qwen2.5-3b", "qwen2.5-7b", "qwen2.5-14b", "qwen2.5-32b", "qwen2.5-72b")})
+# Qwen2.5-Coder sizes whose shape is the general model's (the base Coder releases end on <|endoftext|>).
+PRESETS.update({f"qwen2.5-coder-{size}": {**_chat_release(f"qwen2.5-{size}"), "eos_token_id": BOS}
+                for size in ("0.5b", "1.5b", "3b", "7b")})
+PRESETS.update({f"qwen2.5-coder-{size}-instruct": _chat_release(f"qwen2.5-{size}")
+                for size in ("0.5b", "1.5b", "3b", "7b")})
+
+
+def preset_names() -> list[str]:
+    return sorted(PRESETS)
+
+
+def get_preset(name: str) -> QwenConfig:
+    """The QwenConfig of an official release, by preset name (case-insensitive; `Qwen/` prefix allowed)."""
+    key = name.strip().lower().removeprefix("qwen/")
+    if key not in PRESETS:
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(preset_names())}")
+    return QwenConfig.from_dict(PRESETS[key])
