@@ -31,10 +31,8 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
                progress: bool = False) -> QwenForCausalLM:
     """Load a Qwen model from an HF-format directory, a .gguf file, or a model id."""
     from .weights import open_checkpoint
-    from .weights.hub import resolve
 
-    path = resolve(None if path_or_id is None else str(path_or_id))
-    ckpt = open_checkpoint(path)
+    ckpt = open_checkpoint(resolve_path(path_or_id))
     try:
         cfg = QwenConfig.from_dict(ckpt.config)
     except ConfigError as e:
@@ -48,5 +46,14 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
 
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
     load_tensors(model, tensors, ckpt.source)
-    model.source = str(path)
+    model.source = ckpt.source
     return model.eval()
+
+
+def resolve_path(path_or_id) -> Path:
+    """A local path as is; anything else (a model id, or None for the default) through the hub cache."""
+    if path_or_id is not None and Path(path_or_id).exists():
+        return Path(path_or_id)
+    from .weights.hub import resolve
+
+    return resolve(None if path_or_id is None else str(path_or_id))
