@@ -69,14 +69,20 @@ class QwenForCausalLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
-    def forward(self, input_ids, attention_mask=None, *, cache: KVCache | None = None, positions=None,
+    def forward(self, input_ids, attention_mask=None, *, cache=None, positions=None, mask=None,
                 logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V)."""
+        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V).
+
+        `cache` is anything with `update(layer, k, v) -> (k_all, v_all)`, `advance(n)` and `length`
+        (the KVCache here, or an engine's paged cache). An engine that batches sequences of different
+        lengths passes `positions` (B, T) and a bool `mask` (B, 1, T, S) itself.
+        """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
         if positions is None:
             positions = _positions(attention_mask, past, T, input_ids.device)  # (B, T)
-        mask = _attention_mask(attention_mask, past, T, self.config, input_ids.device)
+        if mask is None:
+            mask = _attention_mask(attention_mask, past, T, self.config, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
         for layer in self.model.layers:
