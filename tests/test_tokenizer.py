@@ -2,7 +2,7 @@
 
 import pytest
 
-from qwenkit.errors import TokenizerError
+from qwenkit.errors import QwenkitError, TokenizerError
 from qwenkit.tokenizer import load_tokenizer
 from test_tokenizer_support import default_gguf
 
@@ -59,8 +59,14 @@ def test_chat_template_from_gguf(tok):
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=True) == tok.encode(text)
 
 
-def test_missing_path_is_tokenizer_error(tmp_path):
-    with pytest.raises(TokenizerError):
+def test_missing_files_are_errors(tmp_path):
+    with pytest.raises(QwenkitError):  # an unknown id is the resolver's CheckpointError
         load_tokenizer(tmp_path / "nothing-here")
     with pytest.raises(TokenizerError):
         load_tokenizer(tmp_path)
+
+
+def test_load_by_model_id(tok):
+    hub = pytest.importorskip("qwenkit.weights.hub")
+    by_id = load_tokenizer(hub.DEFAULT_MODEL)
+    assert by_id.source == tok.source and by_id.encode("hi there") == tok.encode("hi there")

@@ -10,12 +10,9 @@ from pathlib import Path
 
 from ..errors import TokenizerError
 from . import sources
-from .gguf_meta import read_gguf_metadata
 from .tokenizer import Tokenizer
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
-# Qwen chat models end a turn with <|im_end|>; raw text ends with <|endoftext|>.
-_QWEN_STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")
 
 
 def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
@@ -35,14 +32,10 @@ def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
 
 
 def _resolve_model_id(model_id: str) -> Path:
-    try:  # imported here: the weights package resolves ids to local files, and may be absent
-        from ..weights.hub import resolve
-    except ImportError as e:
-        raise TokenizerError(f"{model_id!r} is not a path, and model ids cannot be resolved ({e})") from e
-    try:
-        return Path(resolve(model_id))
-    except Exception as e:
-        raise TokenizerError(f"{model_id!r}: cannot resolve to a local checkpoint ({e})") from e
+    # Imported here: the weights package owns the model registry and cache (and imports torch).
+    from ..weights.hub import resolve
+
+    return Path(resolve(model_id))  # its CheckpointError names the id and the known models
 
 
 def _from_directory(root: Path) -> Tokenizer:
@@ -78,16 +71,18 @@ def _from_files(root: Path, backend, source: str) -> Tokenizer:
 
 
 def _from_gguf(path: Path) -> Tokenizer:
-    meta = read_gguf_metadata(path)
+    # Imported here: the weights package pulls in torch, which text-only tokenizer use never needs.
+    from ..weights.gguf import eos_token_ids, gguf_metadata
+
+    meta = gguf_metadata(path)
     backend = sources.from_gguf_metadata(meta, path)
     tokens = meta["tokenizer.ggml.tokens"]
     key_ids = {k: meta.get(f"tokenizer.ggml.{key}") for k, key in
                (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"))}
     names = {k: tokens[i] for k, i in key_ids.items() if i is not None and 0 <= i < len(tokens)}
-    eos = [key_ids["eos_token"]] + [backend.token_to_id(t) for t in _QWEN_STOP_TOKENS]
     return Tokenizer(
         backend, chat_template=meta.get("tokenizer.chat_template"),
-        eos_token_ids=list(dict.fromkeys(i for i in eos if i is not None)),
+        eos_token_ids=eos_token_ids(meta),
         bos_token_id=key_ids["bos_token"], pad_token_id=key_ids["pad_token"],
         template_vars=names, source=str(path))
 
