@@ -201,6 +201,14 @@ def test_qwen3_head_dim_qk_norm_and_rope_scaling(tmp_path, rng):
     assert cfg.rope["rope_type"] == "yarn" and cfg.qk_norm
 
 
+def test_qwen3_head_dim_without_key_length_comes_from_q_proj(tmp_path, rng):
+    path = tmp_path / "q3-nokey.gguf"
+    write_gguf(path, "qwen3", dense_arrays(rng, qk_norm=True, bias=False) | dense_ffn(rng))
+    ckpt, _ = read(path)
+    assert ckpt.config["head_dim"] == D
+    assert QwenConfig.from_dict(ckpt.config).head_dim == D  # not transformers' qwen3 default of 128
+
+
 def _yarn():
     from gguf import RopeScalingType
 

@@ -148,7 +148,7 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "intermediate_size": get("feed_forward_length"),
         "num_attention_heads": heads,
         "num_key_value_heads": get("attention.head_count_kv", heads),
-        "head_dim": get("attention.key_length"),
+        "head_dim": get("attention.key_length") or _head_dim(shapes, heads),
         "max_position_embeddings": get("context_length"),
         "rms_norm_eps": get("attention.layer_norm_rms_epsilon", 1e-6),
         "rope_theta": get("rope.freq_base", 10000.0),
@@ -174,6 +174,12 @@ def _rope_scaling(get) -> dict | None:
     if original:
         scaling["original_max_position_embeddings"] = original
     return scaling
+
+
+def _head_dim(shapes: dict, heads: int) -> int | None:
+    """Without attention.key_length, q_proj's width over the head count (GGUF [hidden, heads*D])."""
+    q = shapes.get("blk.0.attn_q.weight")
+    return q[1] // heads if q else None
 
 
 def _vocab_size(meta: dict, shapes: dict) -> int | None:
