@@ -1,0 +1,142 @@
+"""The block manager: the paged KV cache's bookkeeping, in plain Python (no torch).
+
+The cache is `num_blocks` blocks of `block_size` token slots. A sequence owns the blocks of its
+block table; blocks are reference-counted so sequences can share a prefix. A full block whose
+K/V has been computed is hashed by its whole token prefix (the hash chains the previous block's
+hash with its own tokens) and stays findable after its sequence ends, until the block is handed
+out again: a later request with the same prefix reuses it instead of recomputing it.
+
+Free blocks wait in least-recently-freed order, so the prefix cache evicts the oldest first.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+from .sequence import Sequence
+
+
+class Block:
+    __slots__ = ("block_id", "ref_count", "hash", "token_ids")
+
+    def __init__(self, block_id: int):
+        self.block_id = block_id
+        self.ref_count = 0
+        self.hash: int | None = None
+        self.token_ids: tuple[int, ...] = ()
+
+
+def block_hash(prev_hash: int | None, token_ids) -> int:
+    return hash((prev_hash, tuple(token_ids)))
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1 or block_size < 1:
+            raise ValueError(f"need at least one block of at least one slot, got {num_blocks} x {block_size}")
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        self.free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self.hash_to_block: dict[int, int] = {}
+        self.prefix_queried_tokens = 0  # prompt tokens looked up in the prefix cache
+        self.prefix_hit_tokens = 0  # of those, found
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self.free)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # -- prefix cache -------------------------------------------------------------------------
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """Block ids holding the K/V of seq's leading full blocks. The last token is never taken
+        from the cache: its logits are needed, so at least one token is always computed."""
+        if not self.enable_prefix_caching:
+            return []
+        hits, prev = [], None
+        for i in range((len(seq) - 1) // self.block_size):
+            tokens = tuple(seq.block_tokens(i, self.block_size))
+            prev = block_hash(prev, tokens)
+            block_id = self.hash_to_block.get(prev)
+            if block_id is None or self.blocks[block_id].token_ids != tokens:
+                break
+            hits.append(block_id)
+        return hits
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash seq's full blocks whose K/V is now computed, making them findable."""
+        if not self.enable_prefix_caching:
+            return
+        done = min(seq.num_computed_tokens, len(seq)) // self.block_size
+        for i in range(seq.num_hashed_blocks, done):
+            block = self.blocks[seq.block_table[i]]
+            prev = self.blocks[seq.block_table[i - 1]].hash if i else None
+            tokens = tuple(seq.block_tokens(i, self.block_size))
+            block.hash, block.token_ids = block_hash(prev, tokens), tokens
+            self.hash_to_block.setdefault(block.hash, block.block_id)
+        seq.num_hashed_blocks = max(seq.num_hashed_blocks, done)
+
+    # -- allocation ---------------------------------------------------------------------------
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        hits = self._cached_prefix(seq)
+        idle_hits = sum(1 for b in hits if self.blocks[b].ref_count == 0)
+        return self.blocks_for(len(seq)) - len(hits) + idle_hits <= len(self.free)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give a new sequence blocks for all its tokens, reusing cached prefix blocks."""
+        assert not seq.block_table, f"{seq} already holds blocks"
+        hits = self._cached_prefix(seq)
+        for block_id in hits:
+            self._take(block_id)
+        seq.block_table = list(hits)
+        seq.num_hashed_blocks = len(hits)
+        seq.num_computed_tokens = len(hits) * self.block_size
+        if not seq.num_preemptions:  # a recomputed sequence keeps what its first admission found
+            seq.num_cached_tokens = seq.num_computed_tokens
+        self.prefix_queried_tokens += len(seq)
+        self.prefix_hit_tokens += seq.num_cached_tokens
+        self.append_slots(seq)
+
+    def can_append(self, seq: Sequence) -> bool:
+        return self.blocks_for(len(seq)) - len(seq.block_table) <= len(self.free)
+
+    def append_slots(self, seq: Sequence) -> None:
+        """Grow seq's block table to cover all its tokens."""
+        while len(seq.block_table) < self.blocks_for(len(seq)):
+            block_id = next(iter(self.free))
+            self._take(block_id)
+            self._forget(block_id)
+            seq.block_table.append(block_id)
+
+    def free_seq(self, seq: Sequence) -> None:
+        # Last block first, so a prefix outlives its continuations in the eviction order.
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self.free[block_id] = None
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+        seq.num_hashed_blocks = 0
+
+    def _take(self, block_id: int) -> None:
+        block = self.blocks[block_id]
+        if block.ref_count == 0:
+            del self.free[block_id]
+        block.ref_count += 1
+
+    def _forget(self, block_id: int) -> None:
+        """A block handed out for new tokens loses its old identity in the prefix cache."""
+        block = self.blocks[block_id]
+        if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
+            del self.hash_to_block[block.hash]
+        block.hash, block.token_ids = None, ()

@@ -1,0 +1,126 @@
+"""The engine: requests in, one scheduled step at a time, per-request outputs out (single-threaded).
+
+`Engine.step()` asks the scheduler for chunks, runs them through the model runner, records the
+sampled tokens and returns each request's news as a `RequestOutput`. The offline `LLM` loops over
+it; `AsyncEngine` runs it in a background thread for servers and benchmarks.
+"""
+
+from __future__ import annotations
+
+from ..errors import RequestError
+from .block_manager import BlockManager
+from .memory import plan_num_blocks
+from .output import IncrementalText, RequestOutput
+from .runner import ModelRunner
+from .sampling_params import SamplingParams
+from .scheduler import Scheduler
+from .sequence import Sequence
+from .settings import EngineSettings
+
+
+class Engine:
+    def __init__(self, model, settings: EngineSettings = EngineSettings(), tokenizer=None):
+        self.model, self.settings, self.tokenizer = model, settings, tokenizer
+        self.max_model_len = min(settings.max_model_len or model.config.context_length, model.config.context_length)
+        self.vocab_size = model.config.vocab_size
+        num_blocks = plan_num_blocks(model, settings, self.max_model_len)
+        self.blocks = BlockManager(num_blocks, settings.block_size, settings.enable_prefix_caching)
+        self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
+                                   model.eos_token_ids, self.max_model_len)
+        self.runner = ModelRunner(model, num_blocks, settings.block_size)
+        self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
+        self.stats = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0, steps=0)
+
+    @property
+    def num_context_tokens(self) -> int:
+        """How many tokens of K/V the cache holds in all."""
+        return self.blocks.num_blocks * self.blocks.block_size
+
+    def validate(self, prompt_ids: list[int], params: SamplingParams) -> None:
+        """Raise RequestError if the request can never be served (safe to call from any thread)."""
+        if not prompt_ids:
+            raise RequestError("the prompt is empty: at least one token is needed")
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
+            raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        if any(not 0 <= t < self.vocab_size for t in (*params.logit_bias, *params.stop_token_ids)):
+            raise RequestError(f"logit_bias and stop_token_ids keys must be token ids in [0, {self.vocab_size})")
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
+        if len(prompt_ids) + params.max_tokens > self.max_model_len:
+            raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
+                               f"the context of {self.max_model_len} tokens")
+        if self.blocks.blocks_for(len(prompt_ids) + params.max_tokens) > self.blocks.num_blocks:
+            raise RequestError(f"prompt + max_tokens needs more than the {self.num_context_tokens} tokens of KV cache")
+        if params.stop and self.tokenizer is None:
+            raise RequestError("stop strings need an engine with a tokenizer")
+
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+        self.validate(prompt_ids, params)
+        seq = Sequence(prompt_ids, params, request_id)
+        if seq.request_id in self.requests:
+            raise RequestError(f"request id {seq.request_id!r} is already in use")
+        text = None
+        if self.tokenizer is not None:
+            text = IncrementalText(self.tokenizer.stream(params.skip_special_tokens), params.stop)
+        self.requests[seq.request_id] = (seq, text)
+        self.scheduler.add(seq)
+        self.stats["requests"] += 1
+        self.stats["prompt_tokens"] += len(prompt_ids)
+        return seq.request_id
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Stop a request and free its blocks; its final output, or None if it is unknown or done."""
+        entry = self.requests.get(request_id)
+        if entry is None:
+            return None
+        self.scheduler.finish(entry[0], "abort")
+        self.stats["aborted"] += 1
+        return self._finish(entry[0], RequestOutput(request_id))
+
+    def has_unfinished(self) -> bool:
+        return self.scheduler.has_work()
+
+    def step(self) -> list[RequestOutput]:
+        chunks = self.scheduler.schedule()
+        if not chunks:
+            return []
+        samples = self.runner.step(chunks)
+        self.scheduler.postprocess(chunks, [s.token_id if s else None for s in samples])
+        self.stats["steps"] += 1
+        return [self._output(c.seq, s) for c, s in zip(chunks, samples) if s is not None]
+
+    def _output(self, seq: Sequence, sample) -> RequestOutput:
+        out = RequestOutput(seq.request_id, [sample.token_id])
+        self.stats["generation_tokens"] += 1
+        if sample.logprob is not None:
+            out.logprobs.append((sample.token_id, sample.logprob, sample.top_logprobs))
+        text = self.requests[seq.request_id][1]
+        if text is not None:
+            out.text = text.push(sample.token_id)
+            if text.stopped and not seq.is_finished:
+                self.scheduler.finish(seq, "stop")
+        return self._finish(seq, out) if seq.is_finished else self._fill(seq, out)
+
+    def _finish(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
+        text = self.requests.pop(seq.request_id)[1]
+        self.runner.sampler.release(seq)
+        if text is not None:
+            out.text += text.finish()
+        out.finished, out.finish_reason = True, seq.finish_reason
+        self.stats["finished"] += 1
+        return self._fill(seq, out)
+
+    @staticmethod
+    def _fill(seq: Sequence, out: RequestOutput) -> RequestOutput:
+        out.num_prompt_tokens, out.num_output_tokens = seq.num_prompt_tokens, seq.num_output_tokens
+        out.num_cached_tokens = seq.num_cached_tokens
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        """Counters and gauges for /metrics (plain numbers; reading them from another thread is safe)."""
+        b = self.blocks
+        return {**self.stats, "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+                "preemptions": self.scheduler.num_preemptions, "kv_blocks_total": b.num_blocks,
+                "kv_blocks_used": b.num_used_blocks, "kv_blocks_free": b.num_free_blocks,
+                "prefix_cache_queried_tokens": b.prefix_queried_tokens,
+                "prefix_cache_hit_tokens": b.prefix_hit_tokens}

@@ -1,0 +1,45 @@
+"""The paged KV cache on the device: one pool of token slots per layer, read through block tables.
+
+Slot `block_id * block_size + offset` holds the K/V of one token. Each step the runner gives
+the cache where the new tokens go (`write_slots`) and which slots each row attends to
+(`read_slots`, position order, padded); `update` is what the model's attention calls. This is
+the plain-torch path: it gathers each row's K/V into a padded (B, n_kv, S, D) tensor that SDPA
+reads with a mask, and runs anywhere torch does.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+class PagedKVCache:
+    def __init__(self, num_layers: int, num_blocks: int, block_size: int, n_kv: int, head_dim: int,
+                 dtype: torch.dtype, device="cpu"):
+        shape = (num_layers, num_blocks * block_size, n_kv, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.block_size = block_size
+        self.length = 0  # the model reads it only when not given positions and a mask
+        self.write_slots = self.write_rows = self.read_slots = None
+
+    @staticmethod
+    def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
+        return 2 * num_layers * block_size * n_kv * head_dim * dtype.itemsize
+
+    def prepare(self, write_slots: torch.Tensor, write_rows: torch.Tensor, read_slots: torch.Tensor) -> None:
+        """write_slots (N,): slots for the N real new tokens; write_rows (N,): their index in the
+        flattened (B*T) step input; read_slots (B, S): the slots each row attends to."""
+        self.write_slots, self.write_rows, self.read_slots = write_slots, write_rows, read_slots
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store the new k, v (B, n_kv, T, D); return each row's keys/values (B, n_kv, S, D)."""
+        B, n_kv, T, D = k.shape
+        for pool, new in ((self.k[layer], k), (self.v[layer], v)):
+            flat = new.transpose(1, 2).reshape(B * T, n_kv, D)  # (B*T, n_kv, D)
+            pool.index_copy_(0, self.write_slots, flat.index_select(0, self.write_rows))
+        k_all = self.k[layer][self.read_slots]  # (B, S, n_kv, D)
+        v_all = self.v[layer][self.read_slots]
+        return k_all.transpose(1, 2), v_all.transpose(1, 2)
+
+    def advance(self, n: int) -> None:
+        pass

@@ -1,0 +1,99 @@
+"""The model runner: turns a step's chunks into batched model calls over the paged KV cache.
+
+Each call takes B rows of T tokens, left-padded so every row's last real token is at T-1 (one
+`logits_to_keep=1` then gives each row's next-token logits). Decode rows (one token) run as
+one call; prefill chunks, which are longer, run as a second call in the same step, so a long
+prompt does not pad every decode row to its length.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .kv_cache import PagedKVCache
+from .sampler import Sample, Sampler
+from .scheduler import Chunk
+
+
+def attention_layout(model) -> tuple[int, int]:
+    """(K/V heads, head dim) of the model's attention as built (after any tensor-parallel split)."""
+    attn = model.model.layers[0].self_attn
+    return attn.n_kv, attn.head_dim
+
+
+class ModelRunner:
+    def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None):
+        self.model = model
+        self.device = model.device
+        n_kv, head_dim = attention_layout(model)
+        cfg = model.config
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, n_kv, head_dim,
+                                  model.dtype, model.device)
+        self.block_size = block_size
+        self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
+        self.sampler = sampler or Sampler()
+
+    @torch.inference_mode()
+    def step(self, chunks: list[Chunk]) -> list[Sample | None]:
+        """Run the chunks; a Sample for each chunk that reached its sequence's end, else None."""
+        results: list[Sample | None] = [None] * len(chunks)
+        decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+        prefills = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+        for group in (decodes, prefills):
+            if not group:
+                continue
+            logits = self.forward([chunks[i] for i in group])  # (B, V)
+            sampling = [i for i in group if chunks[i].samples]
+            if sampling:
+                rows = torch.tensor([group.index(i) for i in sampling], device=logits.device)
+                samples = self.sampler(logits.index_select(0, rows), [chunks[i].seq for i in sampling])
+                for i, sample in zip(sampling, samples):
+                    results[i] = sample
+        return results
+
+    def forward(self, chunks: list[Chunk]) -> torch.Tensor:
+        """Next-token logits (B, V) after each chunk's last token."""
+        input_ids, positions, mask = self.prepare(chunks)
+        return self.model(input_ids, cache=self.cache, positions=positions, mask=mask, logits_to_keep=1)[:, -1]
+
+    def prepare(self, chunks: list[Chunk]):
+        dev, bs = self.device, self.block_size
+        B, T = len(chunks), max(c.num_tokens for c in chunks)
+        n = torch.tensor([c.num_tokens for c in chunks], device=dev)  # (B,)
+        start = torch.tensor([c.start for c in chunks], device=dev)  # (B,)
+        S = int((start + n).max())
+        tables = _pad([c.seq.block_table for c in chunks], -(-S // bs), dev)  # (B, blocks)
+        j = torch.arange(S, device=dev)
+        read_slots = tables[:, j // bs] * bs + j % bs  # (B, S)
+        t = torch.arange(T, device=dev)
+        real = t[None, :] >= (T - n)[:, None]  # (B, T) left padding is not real
+        positions = (start[:, None] + t[None, :] - (T - n)[:, None]).clamp(min=0)  # (B, T)
+        ids = _pad([c.seq.token_ids[c.start:c.start + c.num_tokens] for c in chunks], T, dev, left=True)
+        write_rows = real.flatten().nonzero().squeeze(1)  # (N,)
+        write_slots = read_slots.gather(1, positions).flatten().index_select(0, write_rows)  # (N,)
+        self.cache.prepare(write_slots, write_rows, read_slots)
+        return ids, positions, self._mask(positions, real, j)
+
+    def _mask(self, positions, real, j):
+        """bool (B, 1, T, S): causal over each row's own slots; padding queries see slot 0 only."""
+        dist = positions[:, :, None] - j[None, None, :]  # (B, T, S)
+        base = (dist >= 0) & real[:, :, None]
+        pad_row = ~real[:, :, None] & (j == 0)[None, None, :]
+        if set(self.windows) == {None}:
+            return (base | pad_row)[:, None]
+        masks = {w: ((base if w is None else base & (dist < w)) | pad_row)[:, None] for w in set(self.windows)}
+        return [masks[w] for w in self.windows]
+
+
+def _pad(rows: list[list[int]], width: int, device, left: bool = False) -> torch.Tensor:
+    """Rows of ints cut to `width` and zero-padded on the right (or left) into a (len(rows), width) tensor."""
+    out = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, row in enumerate(rows):
+        row = row[:width]
+        if not row:
+            continue
+        if left:
+            out[i, width - len(row):] = torch.tensor(row)
+        else:
+            out[i, :len(row)] = torch.tensor(row)
+    return out.to(device)

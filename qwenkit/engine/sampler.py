@@ -1,0 +1,100 @@
+"""The sampler: next tokens for a batch of sequences from their logits, each with its own settings.
+
+Order of operations: logprobs are taken from the model's own distribution (raw logits); then
+repetition / presence / frequency penalties and logit bias; then greedy rows take the argmax and
+the others go through temperature, top-k, min-p and top-p, and draw from what is left. A request
+with a seed draws from its own generator, so its tokens do not depend on what it is batched with.
+See `SamplingParams` for Qwen's recommended settings.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .sampling_params import SamplingParams
+from .sequence import Sequence
+
+
+@dataclass
+class Sample:
+    token_id: int
+    logprob: float | None = None  # of the chosen token, when the request asked for logprobs
+    top_logprobs: list[tuple[int, float]] | None = None  # (token id, logprob), best first
+
+
+class Sampler:
+    def __init__(self, seed: int | None = None):
+        self.generator = torch.Generator()
+        if seed is not None:
+            self.generator.manual_seed(seed)
+        self.request_generators: dict[int, torch.Generator] = {}
+
+    def release(self, seq: Sequence) -> None:
+        self.request_generators.pop(seq.seq_id, None)
+
+    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+        """logits (B, V) for the B sequences, on any device; returns one Sample per sequence."""
+        logits = logits.float().cpu()
+        raw = logits
+        logits = logits.clone()
+        for i, seq in enumerate(seqs):
+            apply_penalties(logits[i], seq)
+        tokens = logits.argmax(-1)  # (B,)
+        random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
+        if random_rows:
+            drawn = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
+            tokens[random_rows] = drawn
+        return [self._sample(raw[i], int(tokens[i]), seq.params) for i, seq in enumerate(seqs)]
+
+    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """Random tokens (R,) from logits (R, V) after temperature, top-k, min-p and top-p."""
+        params = [s.params for s in seqs]
+        temps = torch.tensor([p.temperature for p in params])[:, None]
+        top_k = [p.top_k if p.top_k > 0 else logits.shape[-1] for p in params]
+        # One sort of the top max(top_k) candidates serves every row's filters.
+        values, order = (logits / temps).topk(min(max(top_k), logits.shape[-1]), dim=-1)  # (R, K)
+        rank = torch.arange(values.shape[-1])[None]
+        values = values.masked_fill(rank >= torch.tensor(top_k)[:, None], float("-inf"))
+        probs = values.softmax(-1)  # (R, K), sorted best first
+        min_p = torch.tensor([p.min_p for p in params])[:, None]
+        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+        top_p = torch.tensor([p.top_p for p in params])[:, None]
+        # keep the smallest prefix whose mass reaches top_p (the best token always stays)
+        mass_before = probs.cumsum(-1) - probs
+        probs = probs.masked_fill(mass_before >= top_p * probs.sum(-1, keepdim=True), 0.0)
+        picks = [torch.multinomial(probs[r], 1, generator=self._generator(seq)) for r, seq in enumerate(seqs)]
+        return order.gather(1, torch.stack(picks)).squeeze(1)
+
+    def _generator(self, seq: Sequence) -> torch.Generator:
+        if seq.params.seed is None:
+            return self.generator
+        if seq.seq_id not in self.request_generators:
+            self.request_generators[seq.seq_id] = torch.Generator().manual_seed(seq.params.seed)
+        return self.request_generators[seq.seq_id]
+
+    @staticmethod
+    def _sample(raw: torch.Tensor, token: int, params: SamplingParams) -> Sample:
+        if params.logprobs is None:
+            return Sample(token)
+        logprobs = raw.log_softmax(-1)  # (V,)
+        top = logprobs.topk(params.logprobs) if params.logprobs else None
+        pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
+        return Sample(token, float(logprobs[token]), pairs)
+
+
+def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+    """Repetition, presence and frequency penalties and logit bias, in place on logits (V,)."""
+    p = seq.params
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(sorted(set(seq.token_ids)), dtype=torch.long)
+        chosen = logits[seen]
+        logits[seen] = torch.where(chosen > 0, chosen / p.repetition_penalty, chosen * p.repetition_penalty)
+    if (p.presence_penalty or p.frequency_penalty) and seq.num_output_tokens:
+        counts = torch.bincount(torch.tensor(seq.output_ids), minlength=logits.shape[-1]).float()
+        counts = counts[:logits.shape[-1]]
+        logits -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).float()
+    if p.logit_bias:
+        ids = torch.tensor(list(p.logit_bias), dtype=torch.long)
+        logits[ids] += torch.tensor(list(p.logit_bias.values()))

@@ -1,0 +1,87 @@
+"""SamplingParams: how one request picks its tokens and when it stops (plain Python, validated).
+
+Temperature 0 is greedy. Qwen's recommended settings (from the model cards):
+
+| model / mode                 | temperature | top_p | top_k | min_p | other                     |
+|------------------------------|-------------|-------|-------|-------|---------------------------|
+| Qwen2.5 / Qwen2.5-Coder      | 0.7         | 0.8   | 20    | 0     | repetition_penalty 1.05   |
+| Qwen3, thinking mode         | 0.6         | 0.95  | 20    | 0     | never greedy (it repeats) |
+| Qwen3, non-thinking mode     | 0.7         | 0.8   | 20    | 0     | presence_penalty 0-1.5 if it repeats |
+
+`SamplingParams.qwen_recommended(thinking=...)` returns these.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from ..errors import RequestError
+
+MAX_TOP_LOGPROBS = 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int = 256
+    temperature: float = 1.0
+    top_k: int = 0  # 0 or -1: off
+    top_p: float = 1.0
+    min_p: float = 0.0
+    repetition_penalty: float = 1.0  # >1 discourages every token seen (prompt and output), HF style
+    presence_penalty: float = 0.0  # OpenAI style, over output tokens
+    frequency_penalty: float = 0.0
+    logit_bias: dict[int, float] = field(default_factory=dict)
+    seed: int | None = None
+    stop: tuple[str, ...] = ()  # stop strings, not included in the text
+    stop_token_ids: tuple[int, ...] = ()  # besides the model's EOS ids; included in token_ids
+    ignore_eos: bool = False
+    logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
+    skip_special_tokens: bool = True
+
+    def __post_init__(self):
+        object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
+        object.__setattr__(self, "stop_token_ids", _as_tuple(self.stop_token_ids, int, "stop_token_ids"))
+        object.__setattr__(self, "logit_bias", {int(k): float(v) for k, v in (self.logit_bias or {}).items()})
+        _check(self)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+    def replace(self, **changes) -> "SamplingParams":
+        return replace(self, **changes)
+
+    @classmethod
+    def qwen_recommended(cls, thinking: bool = False, **changes) -> "SamplingParams":
+        base = dict(temperature=0.6, top_p=0.95, top_k=20) if thinking else dict(temperature=0.7, top_p=0.8, top_k=20)
+        return cls(**{**base, **changes})
+
+
+def _as_tuple(value, kind, name: str) -> tuple:
+    if value is None:
+        return ()
+    if isinstance(value, kind):
+        value = (value,)
+    value = tuple(value)
+    if not all(isinstance(v, kind) and not isinstance(v, bool) for v in value):
+        raise RequestError(f"{name} must be a {kind.__name__} or a list of them")
+    return value
+
+
+def _check(p: SamplingParams) -> None:
+    rules = [
+        (isinstance(p.max_tokens, int) and p.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+        (p.temperature >= 0, "temperature must be >= 0"),
+        (isinstance(p.top_k, int) and p.top_k >= -1, "top_k must be an integer >= -1 (0 or -1 turn it off)"),
+        (0 < p.top_p <= 1, "top_p must be in (0, 1]"),
+        (0 <= p.min_p <= 1, "min_p must be in [0, 1]"),
+        (p.repetition_penalty > 0, "repetition_penalty must be > 0"),
+        (-2 <= p.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
+        (-2 <= p.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
+        (all(-100 <= b <= 100 for b in p.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+        (p.logprobs is None or 0 <= p.logprobs <= MAX_TOP_LOGPROBS, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
+        (all(s for s in p.stop), "stop strings must not be empty"),
+    ]
+    for ok, message in rules:
+        if not ok:
+            raise RequestError(message)

@@ -1,0 +1,140 @@
+"""The scheduler: which sequences run in the next step and how many of their tokens (plain Python).
+
+Continuous batching: every step, running sequences decode one token each, partly prefilled
+prompts continue, and waiting requests are admitted while blocks, batch slots and the prefill
+token budget last; long prompts are prefilled `max_prefill_tokens` at a time. When a running
+sequence needs a block and none is free, the newest running sequence is preempted: its blocks
+are freed and it waits at the front of the queue to be recomputed (prompt and output so far).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from .block_manager import BlockManager
+from .sequence import Sequence, Status
+
+
+@dataclass
+class Chunk:
+    """Compute seq.token_ids[start:start + num_tokens] this step."""
+    seq: Sequence
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
+        return self.start + self.num_tokens == len(self.seq)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
+                 eos_token_ids=(), max_model_len: int | None = None):
+        self.blocks = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_prefill_tokens = max_prefill_tokens
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> list[Chunk]:
+        budget = self.max_prefill_tokens
+        chunks, preempted = self._schedule_running(budget)
+        budget -= sum(c.num_tokens for c in chunks if c.num_tokens > 1)
+        if not preempted:
+            chunks += self._admit(budget)
+        return chunks
+
+    def _schedule_running(self, budget: int) -> tuple[list[Chunk], bool]:
+        """Chunks for running sequences, oldest first; also whether any sequence was preempted."""
+        chunks, preemptions, i = [], self.num_preemptions, 0
+        while i < len(self.running):
+            seq = self.running[i]
+            if seq.num_uncomputed_tokens == 1:
+                if not self._make_room(seq):
+                    break  # seq itself was the newest, so nothing follows it
+                chunks.append(Chunk(seq, seq.num_computed_tokens, 1))
+            elif budget > 0:
+                n = min(seq.num_uncomputed_tokens, budget)
+                budget -= n
+                chunks.append(Chunk(seq, seq.num_computed_tokens, n))
+            i += 1
+        return chunks, self.num_preemptions > preemptions
+
+    def _make_room(self, seq: Sequence) -> bool:
+        """Give seq a slot for its next token, preempting the newest sequences; False if seq itself went."""
+        while not self.blocks.can_append(seq):
+            victim = self.running[-1]
+            self.preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.append_slots(seq)
+        return True
+
+    def _admit(self, budget: int) -> list[Chunk]:
+        chunks = []
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq):
+                break
+            self.waiting.popleft()
+            self.blocks.allocate(seq)
+            seq.status = Status.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            budget -= n
+            chunks.append(Chunk(seq, seq.num_computed_tokens, n))
+        return chunks
+
+    def preempt(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.blocks.free_seq(seq)
+        seq.status = Status.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> None:
+        """Record a step: computed tokens, and the sampled token of each chunk that reached its end."""
+        for chunk, token in zip(chunks, tokens):
+            seq = chunk.seq
+            if seq.is_finished:
+                continue
+            seq.num_computed_tokens = chunk.start + chunk.num_tokens
+            self.blocks.register_computed(seq)
+            if token is not None:
+                seq.token_ids.append(token)
+                reason = self._stop_reason(seq, token)
+                if reason:
+                    self.finish(seq, reason)
+
+    def _stop_reason(self, seq: Sequence, token: int) -> str | None:
+        p = seq.params
+        if token in p.stop_token_ids or (token in self.eos_token_ids and not p.ignore_eos):
+            return "stop"
+        if seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if self.max_model_len is not None and len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """End a sequence (stopped, or aborted by its client) and return its blocks to the pool."""
+        if seq.is_finished:
+            return
+        seq.status, seq.finish_reason = Status.FINISHED, reason
+        if seq in self.running:
+            self.running.remove(seq)
+            self.blocks.free_seq(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)

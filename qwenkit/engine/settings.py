@@ -1,0 +1,42 @@
+"""EngineSettings: how the serving engine is sized (blocks, batch, chunking), apart from the model config."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from ..errors import ConfigError
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    block_size: int = 16  # token slots per KV block
+    kv_cache_memory: int | None = None  # bytes for K/V; None: kv_cache_fraction of free memory
+    kv_cache_fraction: float = 0.3
+    num_blocks: int | None = None  # exact block count (tests); overrides the memory budget
+    max_num_seqs: int = 64  # running sequences per step
+    max_prefill_tokens: int = 512  # prompt tokens computed per step; longer prompts go in chunks
+    max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
+    enable_prefix_caching: bool = True
+
+    def __post_init__(self):
+        checks = [(self.block_size >= 1, "block_size must be >= 1"),
+                  (self.max_num_seqs >= 1, "max_num_seqs must be >= 1"),
+                  (self.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1"),
+                  (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction must be in (0, 1]"),
+                  (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
+                  (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(f"EngineSettings: {message}")
+
+
+def parse_size(text: str) -> int:
+    """'4GiB', '512MB', '1.5g', '1000000' -> bytes."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(text))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ConfigError(f"not a memory size: {text!r} (try 4GiB, 512MB)")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
