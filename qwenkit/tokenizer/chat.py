@@ -115,11 +115,37 @@ def mark(obj, pattern: re.Pattern):
 
 def encode_chat(tokenizer, template: str, messages: list[dict], tools: list[dict] | None = None,
                 add_generation_prompt: bool = True, **kwargs) -> list[int]:
-    """Prompt ids in which only the template's own control tokens are control ids."""
-    control = control_tokens(template, tokenizer.special_tokens, tokenizer.control_token_ids)
-    pattern = re.compile(_alternation(control))
-    text = render(template, mark(messages, pattern), mark(tools, pattern), add_generation_prompt,
-                  **mark(kwargs, pattern))
+    """Prompt ids in which only the template's own control tokens are control ids.
+
+    Marking every control token is transformers' scheme, but a template that edits content
+    (Qwen3 splits assistant turns on `</think>` and strips newlines) edits around the markers
+    and renders different text. Then only the special tokens (`<|im_start|>`, ...), which no
+    template edits on, are marked, and `<think>` in content stays the token it is in the text.
+    If that still changes the text, transformers' ids are the safe answer.
+    """
+    args = dict(template=template, tools=tools, add_generation_prompt=add_generation_prompt, **kwargs)
+    text = render(messages=messages, **args)
+    tokens = control_tokens(template, tokenizer.special_tokens, tokenizer.control_token_ids)
+    specials = [t for t in tokens if tokenizer.special_tokens[t] in tokenizer.control_token_ids]
+    first = None
+    for marked_tokens in (tokens, specials):
+        marked = _render_marked(marked_tokens, messages, args)
+        first = first or marked
+        if _MARKERS.sub("", marked) == text:
+            return _encode_marked(tokenizer, marked)
+    return _encode_marked(tokenizer, first)
+
+
+_MARKERS = re.compile(f"[{MARK_START}{MARK_END}]")
+
+
+def _render_marked(tokens: list[str], messages: list[dict], args: dict) -> str:
+    pattern = re.compile(_alternation(tokens))
+    args = {k: v if k in ("template", "add_generation_prompt") else mark(v, pattern) for k, v in args.items()}
+    return render(messages=mark(messages, pattern), **args)
+
+
+def _encode_marked(tokenizer, text: str) -> list[int]:
     # Splitting on markers gives [text, marked token, text, ...]; a lone marker (the template
     # cut a marked token apart) gives None and still breaks the text on either side.
     markers = re.compile(f"{MARK_START}({_alternation(tokenizer.special_tokens)}){MARK_END}"
