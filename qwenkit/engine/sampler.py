@@ -64,8 +64,12 @@ class Sampler:
         # keep the smallest prefix whose mass reaches top_p (the best token always stays)
         mass_before = probs.cumsum(-1) - probs
         probs = probs.masked_fill(mass_before >= top_p * probs.sum(-1, keepdim=True), 0.0)
-        picks = [torch.multinomial(probs[r], 1, generator=self._generator(seq)) for r, seq in enumerate(seqs)]
-        return order.gather(1, torch.stack(picks)).squeeze(1)
+        # One uniform draw per token, inverted through the row's CDF: a seeded request's tokens
+        # depend on its own generator only, not on the batch's width K.
+        cdf = probs.cumsum(-1)  # (R, K)
+        u = torch.cat([torch.rand(1, generator=self._generator(seq)) for seq in seqs])  # (R,)
+        picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
+        return order.gather(1, picks).squeeze(1)
 
     def _generator(self, seq: Sequence) -> torch.Generator:
         if seq.params.seed is None:
