@@ -19,3 +19,7 @@ class TokenizerError(QwenkitError):
 
 class RequestError(QwenkitError):
     """A generation request that cannot be served (bad parameters, prompt too long)."""
+
+
+class TrainingError(QwenkitError):
+    """Training data or a run that cannot proceed: a missing data file, a malformed row under --strict."""

@@ -1,0 +1,199 @@
+"""`qwenkit train ...`: run an objective from a TOML config, or the helpers around training.
+
+    qwenkit train pretrain|sft|dpo|grpo --config FILE.toml [--set optim.lr=1e-3 ...] [--max-steps N]
+                                        [--out DIR] [--resume auto|FILE] [--strict] [--export]
+    qwenkit train export --checkpoint FILE --out DIR       a training checkpoint -> HF directory
+    qwenkit train tokenizer --corpus corpus:gutenberg,poetry --vocab-size 8192 --out DIR
+    qwenkit train make-data json_extract|arithmetic --n 2000 --out FILE.jsonl [--seed S]
+    qwenkit train score --model ID --data FILE.jsonl --reward NAME [--adapter DIR] [--limit N]
+
+Launch any objective under `torchrun --nproc-per-node N -m qwenkit.train.cli <objective> ...`
+for DDP (or `--set run.distributed=fsdp` for FSDP2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from .config import OBJECTIVES, load_config, parse_override
+
+
+def _train_parser(prog: str, objective: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"{prog} {objective}", description=f"train with the {objective} objective")
+    p.add_argument("--config", help="TOML training config")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-3 (repeatable)")
+    p.add_argument("--max-steps", type=int, help="= --set run.max_steps=N")
+    p.add_argument("--out", help="= --set run.out=DIR")
+    p.add_argument("--resume", help="'auto' (latest checkpoint in out) or a checkpoint file")
+    p.add_argument("--strict", action="store_true", help="fail on the first malformed data row")
+    p.add_argument("--export", action="store_true", help="write an HF-format directory to out/export at the end")
+    return p
+
+
+def overrides_from(args) -> dict:
+    o = dict(parse_override(s) for s in args.set)
+    for key, value in (("run.max_steps", args.max_steps), ("run.out", args.out), ("run.resume", args.resume)):
+        if value is not None:
+            o[key] = value
+    if args.strict:
+        o["data.strict"] = True
+    if args.export:
+        o["run.export"] = True
+    return o
+
+
+def train(objective: str, argv: list[str], prog: str) -> int:
+    from ..errors import ConfigError
+    from .distributed import init_distributed, shutdown, unwrap, wrap_model
+    from .loop import Trainer
+    from .setup import build_setup
+
+    args = _train_parser(prog, objective).parse_args(argv)
+    cfg = load_config(args.config, objective, overrides_from(args))
+    if cfg.objective == "grpo" and cfg.run.distributed == "fsdp":
+        raise ConfigError("run.distributed: GRPO samples a different length on each rank; use ddp")
+    d = init_distributed(cfg.run.device)
+    log = print if d.is_main else (lambda *a, **k: None)
+    try:
+        setup = build_setup(cfg, d.device, log)
+        model = wrap_model(setup.model, d, cfg.run.distributed)
+        out = Path(cfg.run.out)
+        if d.is_main:
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "train_config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        n_params = sum(p.numel() for p in setup.model.parameters())
+        n_train = sum(p.numel() for p in setup.model.parameters() if p.requires_grad)
+        log(f"{objective}: {n_params / 1e6:.2f}M parameters ({n_train / 1e6:.2f}M trained), "
+            f"{len(setup.train)} train / {len(setup.eval)} eval examples, {d.world} process(es) on {d.device}")
+        last = Trainer(cfg, setup, model, d, log).fit()
+        _finish(cfg, setup, unwrap(model), d, log)
+        log(json.dumps({k: round(v, 6) if isinstance(v, float) else v for k, v in last.items()}))
+    finally:
+        shutdown(d)
+    return 0
+
+
+def _finish(cfg, setup, model, d, log) -> None:
+    from .export import export_hf
+    from .lora import save_adapter
+
+    out = Path(cfg.run.out)
+    if cfg.lora.enabled:
+        save_adapter(model, out / "adapter", base_model=cfg.model.init, rank=d.rank)
+        log(f"adapter: {out / 'adapter'}")
+    if cfg.run.export:
+        export_hf(model, out / "export", setup.tokenizer_dir, rank=d.rank)
+        log(f"exported: {out / 'export'}")
+
+
+def export_cmd(argv: list[str], prog: str) -> int:
+    import torch
+
+    from ..config import QwenConfig
+    from ..loader import build_model
+    from .config import TrainConfig
+    from .export import export_hf
+
+    p = argparse.ArgumentParser(prog=f"{prog} export", description="write a full-model checkpoint as an HF directory")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--tokenizer", help="tokenizer directory to copy (default: the run's data.tokenizer)")
+    args = p.parse_args(argv)
+    state = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    cfg = TrainConfig.from_dict(state["train_config"], args.checkpoint)
+    if cfg.lora.enabled:
+        from ..errors import ConfigError
+
+        raise ConfigError(f"{args.checkpoint}: a LoRA run; its adapter is in the run's adapter/ directory")
+    model = build_model(QwenConfig.from_dict(state["model_config"]), next(iter(state["model"].values())).dtype)
+    model.load_state_dict(state["model"], strict=True)
+    print(export_hf(model, args.out, args.tokenizer or cfg.data.tokenizer or None))
+    return 0
+
+
+def tokenizer_cmd(argv: list[str], prog: str) -> int:
+    from .corpora import corpus_docs
+    from .tokenizer_train import train_tokenizer
+
+    p = argparse.ArgumentParser(prog=f"{prog} tokenizer", description="train a Qwen-style byte-level BPE")
+    p.add_argument("--corpus", default="corpus:gutenberg,poetry")
+    p.add_argument("--vocab-size", type=int, default=8192)
+    p.add_argument("--max-chars", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    print(train_tokenizer(iter(corpus_docs(args.corpus, args.max_chars)), args.vocab_size, args.out))
+    return 0
+
+
+def make_data_cmd(argv: list[str], prog: str) -> int:
+    from .tasks import TASKS, make_rows
+
+    p = argparse.ArgumentParser(prog=f"{prog} make-data", description="write a task's rows as JSONL")
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--n", type=int, default=1000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    with open(args.out, "w", encoding="utf-8") as f:
+        for row in make_rows(args.task, args.n, args.seed):
+            f.write(json.dumps(row) + "\n")
+    print(f"{args.n} {args.task} rows -> {args.out}")
+    return 0
+
+
+def score_cmd(argv: list[str], prog: str) -> int:
+    import time
+
+    import torch
+
+    from .. import load_model, load_tokenizer
+    from .data import read_rows
+    from .grpo import mean_reward
+    from .lora import apply_adapter
+    from .tasks import REWARDS, prompt_messages
+
+    p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy answers on held-out rows")
+    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
+    p.add_argument("--adapter")
+    p.add_argument("--data", required=True)
+    p.add_argument("--reward", required=True, choices=sorted(REWARDS))
+    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    args = p.parse_args(argv)
+    model = load_model(args.model, dtype=torch.float32)
+    if args.adapter:
+        apply_adapter(model, args.adapter)
+    tok = load_tokenizer(args.model)
+    rows, report = read_rows(args.data, lambda r: None, max_rows=args.limit)
+    prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True) for r in rows]
+    t0 = time.perf_counter()
+    score = mean_reward(model, tok, prompts, rows, REWARDS[args.reward], args.max_new_tokens)
+    print(json.dumps({"mean_reward": round(score, 4), "rows": len(rows), "seconds": round(time.perf_counter() - t0, 1)}))
+    return 0
+
+
+HELPERS = {"export": export_cmd, "tokenizer": tokenizer_cmd, "make-data": make_data_cmd, "score": score_cmd}
+
+
+def main(argv: list[str], prog: str = "qwenkit train") -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__.strip())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name in OBJECTIVES:
+        return train(name, rest, prog)
+    if name in HELPERS:
+        return HELPERS[name](rest, prog)
+    print(f"{prog}: unknown command {name!r}; choose from {', '.join((*OBJECTIVES, *HELPERS))}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":  # torchrun -m qwenkit.train.cli <objective> ...
+    from ..cli import main as top_main
+
+    sys.exit(top_main(["train", *sys.argv[1:]]))
