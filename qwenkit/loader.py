@@ -36,7 +36,8 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
     try:
         cfg = QwenConfig.from_dict(ckpt.config)
     except ConfigError as e:
-        raise ConfigError(f"{ckpt.source}: {e}") from None
+        where = Path(ckpt.source) / "config.json" if Path(ckpt.source).is_dir() else Path(ckpt.source)
+        raise ConfigError(f"{where}: {e}") from None
     if ckpt.eos_token_ids:
         cfg = cfg.replace(eos_token_id=tuple(ckpt.eos_token_ids))
     model = build_model(cfg, dtype, device)

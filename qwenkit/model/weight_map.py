@@ -68,7 +68,10 @@ def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source
             raise CheckpointError(
                 f"{file}: tensor {name} has shape {list(tensor.shape)}, the model expects {list(dest.shape)}"
             )
-        dest.copy_(tensor)
+        if hasattr(tensor, "copy_into"):  # a lazily dequantized tensor fills itself in blocks
+            tensor.copy_into(dest)
+        else:
+            dest.copy_(tensor)
         filled[pname] = filled.get(pname, 0) + dest.numel()
     _check_complete(params, filled, source, tied)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import mmap
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -249,10 +250,42 @@ def _can_dequantize(qtype: GGMLQuantizationType) -> bool:
     return True
 
 
+class LazyRows:
+    """A large 2-D GGUF tensor dequantized on demand, a block of rows at a time.
+
+    The loader calls `copy_into(dest)`, so a float32 copy of the whole matrix (545 MB for the
+    151,936-row embedding of a 0.5B model) never exists; `materialize()` gives the full tensor.
+    """
+
+    BLOCK_ROWS = 8192
+
+    def __init__(self, info: TensorInfo, raw: np.ndarray):
+        self.info, self.raw = info, raw
+        self.shape = torch.Size(info.numpy_shape)
+
+    def copy_into(self, dest: torch.Tensor) -> None:
+        rows = self.shape[0]
+        per_row = self.raw.reshape(rows, -1)  # quant blocks never straddle rows
+        for start in range(0, rows, self.BLOCK_ROWS):
+            block = per_row[start : start + self.BLOCK_ROWS]
+            values = dequantize(block, self.info.qtype).reshape(block.shape[0], self.shape[1])
+            dest[start : start + block.shape[0]].copy_(torch.from_numpy(np.ascontiguousarray(values)))
+
+    def materialize(self) -> torch.Tensor:
+        return dequantize_tensor(self.info, self.raw)
+
+
+LAZY_MIN_ELEMENTS = 1 << 24
+
+
 def _stream(path: Path, tensors: list[TensorInfo], names: dict[str, str]) -> TensorStream:
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for info in tensors:
-        tensor = dequantize_tensor(info, data[info.offset : info.offset + info.nbytes])
+        raw = data[info.offset : info.offset + info.nbytes]
+        if len(info.dims) == 2 and math.prod(info.dims) >= LAZY_MIN_ELEMENTS:
+            yield names[info.name], LazyRows(info, raw), str(path)
+            continue
+        tensor = dequantize_tensor(info, raw)
         if info.name.endswith("ffn_gate_inp_shexp.weight"):
             tensor = tensor.reshape(1, -1)  # GGUF stores the shared-expert gate as a vector; HF as [1, H]
         yield names[info.name], tensor, str(path)

@@ -192,7 +192,8 @@ def _staged(final: Path, entry: ModelEntry, progress: bool):
 def _fetch(entry: ModelEntry, path: Path, progress: bool) -> None:
     sources = _sources(entry)
     if not sources:
-        state = "failed verification" if path.exists() else "is not in the cache"
+        state = (f"does not match its sha256 ({entry.sha256}) or size ({entry.size} bytes)" if path.exists()
+                 else "is not in the cache")
         raise CheckpointError(f"{path}: {entry.id} {state} and QWENKIT_OFFLINE is set")
     failures = []
     for name, fetch in sources:
