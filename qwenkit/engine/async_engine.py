@@ -1,0 +1,140 @@
+"""AsyncEngine: the engine in one background thread, driven from asyncio (servers, benchmarks).
+
+Model calls are not thread-safe, so one thread owns the `Engine`. Callers hand it requests
+and aborts through a thread-safe inbox; each request's outputs come back on its own
+`asyncio.Queue`, filled from the engine thread with `loop.call_soon_threadsafe`.
+
+    stream = async_engine.submit(prompt_ids, SamplingParams(max_tokens=32))  # RequestError if invalid
+    async for out in stream:       # RequestOutput deltas; the last has finished=True
+        print(out.text, end="")
+    # leaving the loop early (or being cancelled) aborts the request and frees its blocks
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+
+from .engine import Engine
+from .output import RequestOutput
+from .sampling_params import SamplingParams
+
+log = logging.getLogger("qwenkit.engine")
+
+
+class RequestStream:
+    """Async iterator over one request's outputs; `abort()` (idempotent) cancels the request."""
+
+    def __init__(self, owner: "AsyncEngine", request_id: str, num_prompt_tokens: int):
+        self.owner, self.request_id, self.num_prompt_tokens = owner, request_id, num_prompt_tokens
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.finished = False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self) -> RequestOutput:
+        if self.finished:
+            raise StopAsyncIteration
+        try:
+            item = await self.queue.get()
+        except BaseException:  # cancelled (client gone): stop the work too
+            self.abort()
+            raise
+        if isinstance(item, BaseException):
+            self.finished = True
+            raise item
+        self.finished = item.finished
+        return item
+
+    def abort(self) -> None:
+        if not self.finished:
+            self.finished = True
+            self.owner.abort(self.request_id)
+
+
+class AsyncEngine:
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
+
+    def start(self) -> "AsyncEngine":
+        self._thread.start()
+        return self
+
+    def shutdown(self) -> None:
+        self._stop.set()
+        self._inbox.put(("wake",))
+        self._thread.join(timeout=30)
+
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
+        """Queue a request (call from the event loop); raises RequestError at once if it is invalid."""
+        self.engine.validate(prompt_ids, params)
+        request_id = request_id or uuid.uuid4().hex
+        stream = RequestStream(self, request_id, len(prompt_ids))
+        self._streams[request_id] = (asyncio.get_running_loop(), stream)
+        self._inbox.put(("add", request_id, list(prompt_ids), params))
+        return stream
+
+    def abort(self, request_id: str) -> None:
+        self._inbox.put(("abort", request_id))
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.engine.metrics(), "inbox": self._inbox.qsize()}
+
+    # -- the engine thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._drain(block=not self.engine.has_unfinished())
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug or out-of-memory: fail what is running, keep serving
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._deliver(out.request_id, out, out.finished)
+
+    def _drain(self, block: bool) -> None:
+        try:
+            command = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+            while True:
+                self._handle(command)
+                command = self._inbox.get_nowait()
+        except queue.Empty:
+            return
+
+    def _handle(self, command: tuple) -> None:
+        if command[0] == "add":
+            _, request_id, prompt_ids, params = command
+            try:
+                self.engine.add_request(prompt_ids, params, request_id)
+            except Exception as e:
+                self._deliver(request_id, e, True)
+        elif command[0] == "abort":
+            self.engine.abort(command[1])
+            self._streams.pop(command[1], None)
+
+    def _deliver(self, request_id: str, item, last: bool) -> None:
+        entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
+        if entry is None:
+            return
+        loop, stream = entry
+        try:
+            loop.call_soon_threadsafe(stream.queue.put_nowait, item)
+        except RuntimeError:  # the caller's loop has closed
+            self.engine.abort(request_id)
+
+    def _fail_all(self, error: Exception) -> None:
+        for request_id in list(self.engine.requests):
+            self.engine.abort(request_id)
+            self._deliver(request_id, RuntimeError(f"engine step failed: {error}"), True)

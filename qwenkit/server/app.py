@@ -1,0 +1,210 @@
+"""`qwenkit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine.
+
+Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
+GET /metrics (Prometheus). With --api-key, /v1 routes need `Authorization: Bearer KEY`.
+Binds to 127.0.0.1 unless --host says otherwise. Chat messages are encoded with the
+injection-safe chat encoding: special-token strings inside client text stay plain text.
+"""
+
+from __future__ import annotations
+
+import hmac
+
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from ..engine.async_engine import AsyncEngine
+from ..errors import RequestError, TokenizerError
+from . import metrics, streaming
+from .protocol import ChatCompletionRequest, CompletionRequest
+from .responses import Reply
+
+_THINK_OPEN = "<think>"
+
+
+def error_body(message: str, kind: str = "invalid_request_error", code: str | None = None, param=None) -> dict:
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
+class ApiError(HTTPException):
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None):
+        super().__init__(status, message)
+        self.body = error_body(message, kind, code)
+
+
+def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+    """The app for a started AsyncEngine; routes share the engine and tokenizer."""
+    app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
+    _install_error_handlers(app)
+    reasoning = _THINK_OPEN in (tokenizer.chat_template or "")
+
+    def check_key(request: Request) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
+        if not hmac.compare_digest(given.encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+
+    def check_model(name: str) -> None:
+        if name != model_name:
+            raise ApiError(404, f"model {name!r} does not exist; this server has {model_name!r}",
+                           "invalid_request_error", "model_not_found")
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/metrics")
+    async def get_metrics():
+        return PlainTextResponse(metrics.render(engine.metrics()), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models", dependencies=[Depends(check_key)])
+    async def models():
+        card = {"id": model_name, "object": "model", "created": 0, "owned_by": "qwenkit",
+                "max_model_len": engine.engine.max_model_len}
+        return {"object": "list", "data": [card]}
+
+    @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
+    async def chat(req: ChatCompletionRequest):
+        check_model(req.model)
+        tools = req.template_tools()
+        prompt_ids = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
+                                                   tokenize=True, tools=tools, **req.template_kwargs())
+        max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
+        stream = engine.submit(prompt_ids, req.sampling_params(max_tokens, req.num_logprobs()))
+        reply = Reply("chat", model_name, tokenizer, len(prompt_ids))
+        parser = {}
+        if reasoning or tools:
+            parser = dict(reasoning=reasoning, tools=bool(tools), id_prefix=f"call_{reply.id[-12:]}_",
+                          started_in_reasoning=reasoning and _opens_thinking(tokenizer, prompt_ids))
+        if req.stream:
+            return _sse(streaming.chat_events(stream, reply, parser, req.include_usage))
+        return await streaming.chat_body(stream, reply, parser)
+
+    @app.post("/v1/completions", dependencies=[Depends(check_key)])
+    async def completions(req: CompletionRequest):
+        check_model(req.model)
+        prompt = req.prompt_input()
+        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        stream = engine.submit(prompt_ids, req.sampling_params(req.max_tokens, req.logprobs))
+        reply = Reply("text", model_name, tokenizer, len(prompt_ids))
+        if req.stream:
+            return _sse(streaming.text_events(stream, reply, req.include_usage))
+        return await streaming.text_body(stream, reply)
+
+    return app
+
+
+def _rest_of_context(engine: AsyncEngine, prompt_ids: list[int]) -> int:
+    return max(1, engine.engine.max_model_len - len(prompt_ids))
+
+
+def _opens_thinking(tokenizer, prompt_ids: list[int]) -> bool:
+    """Whether the prompt ends inside an opened <think> (Qwen3 thinking-only templates)."""
+    return tokenizer.decode(prompt_ids[-4:]).rstrip().endswith(_THINK_OPEN)
+
+
+def _sse(events) -> StreamingResponse:
+    return StreamingResponse(events, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request, exc: RequestValidationError):
+        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
+                             for e in exc.errors())
+        return JSONResponse(error_body(problems or "invalid request"), status_code=400)
+
+    @app.exception_handler(RequestError)
+    @app.exception_handler(TokenizerError)
+    async def bad_request(_request, exc: Exception):
+        return JSONResponse(error_body(str(exc)), status_code=400)
+
+    @app.exception_handler(HTTPException)
+    async def http_error(_request, exc: HTTPException):
+        body = getattr(exc, "body", None) or error_body(str(exc.detail), "invalid_request_error")
+        return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+# -- command line -----------------------------------------------------------------------------
+
+def parser(prog: str):
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server for a Qwen model.")
+    p.add_argument("--model", default=None, help="checkpoint directory, .gguf file or model id (default: the default model)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's)")
+    p.add_argument("--served-model-name", default=None, help="the name clients pass as `model`")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (also $QWENKIT_API_KEY)")
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
+    p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
+    p.add_argument("--max-num-seqs", type=int, default=64)
+    p.add_argument("--max-prefill-tokens", type=int, default=512)
+    p.add_argument("--max-model-len", type=int, default=None)
+    p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--tensor-parallel-size", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--log-level", default="warning")
+    return p
+
+
+def engine_settings(args):
+    from ..engine.settings import EngineSettings, parse_size
+
+    memory = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
+    return EngineSettings(block_size=args.block_size, kv_cache_memory=memory, num_blocks=args.num_kv_blocks,
+                          max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
+                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+
+
+def load(args):
+    """(model, tokenizer) as the flags ask, tensor-parallel when --tensor-parallel-size > 1."""
+    import torch
+
+    from .. import load_model, load_tokenizer
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    if args.tensor_parallel_size > 1:
+        from ..engine.tensor_parallel import load_sharded_model
+
+        return load_sharded_model(args.model, getattr(torch, args.dtype), device, args.tensor_parallel_size), tokenizer
+    return load_model(args.model, getattr(torch, args.dtype), device), tokenizer
+
+
+def main(argv: list[str], prog: str = "qwenkit serve") -> int:
+    import os
+    from pathlib import Path
+
+    import uvicorn
+
+    from ..engine.engine import Engine
+
+    args = parser(prog).parse_args(argv)
+    model, tokenizer = load(args)
+    engine = Engine(model, engine_settings(args), tokenizer)
+    blocks = engine.blocks
+    mib = engine.runner.cache.k.nbytes * 2 / 2**20
+    name = args.served_model_name or (Path(args.model).name if args.model else getattr(model, "source", "qwen"))
+    name = Path(str(name)).name
+    print(f"{prog}: {name} on {model.device} ({model.dtype}); KV cache {blocks.num_blocks} blocks x "
+          f"{blocks.block_size} = {engine.num_context_tokens} tokens of context ({mib:.0f} MiB); "
+          f"max {engine.max_model_len} tokens per request", flush=True)
+    async_engine = AsyncEngine(engine).start()
+    app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"))
+    print(f"{prog}: serving on http://{args.host}:{args.port}/v1", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    finally:
+        async_engine.shutdown()
+    return 0

@@ -1,0 +1,116 @@
+"""Turning a request's engine outputs into an HTTP answer: one JSON body, or server-sent events.
+
+Chat replies go through the tokenizer's output parser, so reasoning (`<think>`) becomes
+`reasoning_content` and `<tool_call>` blocks become `tool_calls` — in a whole reply and in a
+stream alike (a streamed call is sent as one delta once its block is complete). Whatever way
+the stream ends (finished, client gone, error), the request is aborted if still running, so
+its KV blocks go back to the pool.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import AsyncIterator
+
+from ..engine.async_engine import RequestStream
+from ..tokenizer.output import OutputDelta, OutputStream, parse_output
+from .responses import Reply
+
+
+def sse(data) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+async def collect(stream: RequestStream, reply: Reply) -> tuple[str, list]:
+    """The whole text and logprob entries of a request."""
+    text, logprobs = [], []
+    try:
+        async for out in stream:
+            text.append(out.text)
+            logprobs += out.logprobs
+            reply.record(out)
+    finally:
+        stream.abort()
+    return "".join(text), logprobs
+
+
+async def chat_body(stream: RequestStream, reply: Reply, parser: dict) -> dict:
+    text, logprobs = await collect(stream, reply)
+    parsed = parse_output(text, **parser) if parser else None
+    message = parsed.to_message() if parsed else {"role": "assistant", "content": text}
+    message.setdefault("content", None)
+    reply.num_tool_calls = len(message.get("tool_calls", []))
+    choice = {"index": 0, "message": message, "logprobs": reply.chat_logprobs(logprobs),
+              "finish_reason": reply.final_reason()}
+    return reply.body([choice])
+
+
+async def text_body(stream: RequestStream, reply: Reply) -> dict:
+    text, logprobs = await collect(stream, reply)
+    choice = {"index": 0, "text": text, "logprobs": reply.text_logprobs(logprobs),
+              "finish_reason": reply.final_reason()}
+    return reply.body([choice])
+
+
+async def chat_events(stream: RequestStream, reply: Reply, parser: dict, include_usage: bool) -> AsyncIterator[str]:
+    parse = OutputStream(**parser) if parser else None
+    yield sse(reply.chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+                           "logprobs": None, "finish_reason": None}))
+    try:
+        async for out in stream:
+            reply.record(out)
+            delta = _parse(parse, out.text, out.finished)
+            payload = _chat_delta(delta, reply)
+            if payload or out.logprobs:
+                yield sse(reply.chunk({"index": 0, "delta": payload, "logprobs": reply.chat_logprobs(out.logprobs),
+                                       "finish_reason": None}))
+    except Exception as e:
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        stream.abort()
+    yield sse(reply.chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.final_reason()}))
+    if include_usage:
+        yield sse({**reply.chunk(None), "usage": reply.usage()})
+    yield sse("[DONE]")
+
+
+def _parse(parse: OutputStream | None, text: str, finished: bool) -> OutputDelta:
+    if parse is None:
+        return OutputDelta(content=text)
+    delta = parse.feed(text)
+    if finished:
+        end = parse.finish()
+        delta = OutputDelta(delta.content + end.content, delta.reasoning_content + end.reasoning_content,
+                            delta.tool_calls + end.tool_calls, delta.errors + end.errors)
+    return delta
+
+
+def _chat_delta(delta: OutputDelta, reply: Reply) -> dict:
+    payload = {}
+    if delta.reasoning_content:
+        payload["reasoning_content"] = delta.reasoning_content
+    if delta.content:
+        payload["content"] = delta.content
+    if delta.tool_calls:
+        payload["tool_calls"] = [{"index": reply.num_tool_calls + k, **call} for k, call in enumerate(delta.tool_calls)]
+        reply.num_tool_calls += len(delta.tool_calls)
+    return payload
+
+
+async def text_events(stream: RequestStream, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+    offset = 0
+    try:
+        async for out in stream:
+            reply.record(out)
+            if out.text or out.logprobs or out.finished:
+                choice = {"index": 0, "text": out.text, "logprobs": reply.text_logprobs(out.logprobs, offset),
+                          "finish_reason": reply.final_reason() if out.finished else None}
+                yield sse(reply.chunk(choice))
+            offset += len(out.text)
+    except Exception as e:
+        yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
+    finally:
+        stream.abort()
+    if include_usage:
+        yield sse({**reply.chunk(None), "usage": reply.usage()})
+    yield sse("[DONE]")
