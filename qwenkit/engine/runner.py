@@ -32,16 +32,18 @@ class ModelRunner:
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler()
+        # Set by tensor parallelism: called with each step's groups before they run, so the
+        # other ranks run the same model calls on their shards.
+        self.broadcast = None
 
     @torch.inference_mode()
     def step(self, chunks: list[Chunk]) -> list[Sample | None]:
         """Run the chunks; a Sample for each chunk that reached its sequence's end, else None."""
         results: list[Sample | None] = [None] * len(chunks)
-        decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
-        prefills = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-        for group in (decodes, prefills):
-            if not group:
-                continue
+        groups = self.groups(chunks)
+        if self.broadcast is not None:
+            self.broadcast([[chunks[i] for i in group] for group in groups])
+        for group in groups:
             logits = self.forward([chunks[i] for i in group])  # (B, V)
             sampling = [i for i in group if chunks[i].samples]
             if sampling:
@@ -51,6 +53,14 @@ class ModelRunner:
                     results[i] = sample
         return results
 
+    @staticmethod
+    def groups(chunks: list[Chunk]) -> list[list[int]]:
+        """Chunk indices per model call: decode rows together, then prefill chunks together."""
+        decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
+        prefills = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
+        return [g for g in (decodes, prefills) if g]
+
+    @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Next-token logits (B, V) after each chunk's last token."""
         input_ids, positions, mask = self.prepare(chunks)
@@ -62,13 +72,13 @@ class ModelRunner:
         n = torch.tensor([c.num_tokens for c in chunks], device=dev)  # (B,)
         start = torch.tensor([c.start for c in chunks], device=dev)  # (B,)
         S = int((start + n).max())
-        tables = _pad([c.seq.block_table for c in chunks], -(-S // bs), dev)  # (B, blocks)
+        tables = _pad([c.block_table for c in chunks], -(-S // bs), dev)  # (B, blocks)
         j = torch.arange(S, device=dev)
         read_slots = tables[:, j // bs] * bs + j % bs  # (B, S)
         t = torch.arange(T, device=dev)
         real = t[None, :] >= (T - n)[:, None]  # (B, T) left padding is not real
         positions = (start[:, None] + t[None, :] - (T - n)[:, None]).clamp(min=0)  # (B, T)
-        ids = _pad([c.seq.token_ids[c.start:c.start + c.num_tokens] for c in chunks], T, dev, left=True)
+        ids = _pad([c.tokens for c in chunks], T, dev, left=True)
         write_rows = real.flatten().nonzero().squeeze(1)  # (N,)
         write_slots = read_slots.gather(1, positions).flatten().index_select(0, write_rows)  # (N,)
         self.cache.prepare(write_slots, write_rows, read_slots)

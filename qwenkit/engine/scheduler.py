@@ -24,6 +24,14 @@ class Chunk:
     num_tokens: int
 
     @property
+    def tokens(self) -> list[int]:
+        return self.seq.token_ids[self.start:self.start + self.num_tokens]
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.seq.block_table
+
+    @property
     def samples(self) -> bool:
         """Whether this chunk reaches the sequence's last token, so a new token is sampled."""
         return self.start + self.num_tokens == len(self.seq)

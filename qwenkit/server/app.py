@@ -193,6 +193,10 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
     args = parser(prog).parse_args(argv)
     model, tokenizer = load(args)
     engine = Engine(model, engine_settings(args), tokenizer)
+    if args.tensor_parallel_size > 1:
+        from ..engine.tensor_parallel import attach
+
+        attach(engine)
     blocks = engine.blocks
     mib = engine.runner.cache.k.nbytes * 2 / 2**20
     name = args.served_model_name or (Path(args.model).name if args.model else getattr(model, "source", "qwen"))
