@@ -1,0 +1,67 @@
+"""Checkpoints: a run killed with SIGKILL and resumed logs the same per-step losses as an
+uninterrupted run (exactly, on CPU); a checkpoint of another model shape is refused."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qwenkit.errors import CheckpointError
+from qwenkit.train.metrics import read_metrics
+from train_tiny import pretrain_sections, write_config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cmd(config: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "qwenkit.cli", "train", "pretrain", "--config", str(config), *extra]
+
+
+def _losses(out: Path) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in read_metrics(out / "metrics.jsonl") if "eval_loss" not in r}
+
+
+def _env():
+    return {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
+def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path):
+    steps = 40
+    sections = pretrain_sections(tmp_path, max_steps=steps, checkpoint_every=5, eval_every=20, log_every=1)
+    config = write_config(tmp_path / "c.toml", sections)
+    full = tmp_path / "full"
+    subprocess.run(_cmd(config, "--out", str(full)), check=True, env=_env(), capture_output=True, cwd=ROOT)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen(_cmd(config, "--out", str(killed)), env=_env(), cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and max(_losses(killed), default=0) < 12:
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    reached = max(_losses(killed), default=0)
+    assert 12 <= reached < steps, "the run should be killed mid-way"
+    subprocess.run(_cmd(config, "--out", str(killed), "--resume", "auto"), check=True, env=_env(),
+                   capture_output=True, cwd=ROOT)
+    assert _losses(killed) == _losses(full)
+    assert len(_losses(full)) == steps
+
+
+def test_resume_from_another_model_shape_fails_clearly(tmp_path):
+    from qwenkit.train.cli import main
+
+    config = write_config(tmp_path / "c.toml", pretrain_sections(tmp_path, max_steps=2, checkpoint_every=2))
+    assert main(["pretrain", "--config", str(config)]) == 0
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
+    assert ckpt.is_file() and not list(ckpt.parent.glob("*.tmp"))
+    wider = pretrain_sections(tmp_path, max_steps=4)
+    wider["model.config"]["hidden_size"] = 48
+    write_config(tmp_path / "wide.toml", wider)
+    with pytest.raises(CheckpointError, match=r"another shape: hidden_size=32 \(this run: 48\)"):
+        main(["pretrain", "--config", str(tmp_path / "wide.toml"), "--out", str(tmp_path / "w"),
+              "--resume", str(ckpt)])
