@@ -3,6 +3,7 @@ loopback port, an API key; the official openai client talks to it."""
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import subprocess
 import sys
@@ -25,14 +26,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory):
-    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen", vocab_size=VOCAB, hidden_size=32,
-                           intermediate_size=64, num_hidden_layers=2, eos_token_id=258)
-    write_tokenizer(ckpt)
-    port = free_port()
+@contextlib.contextmanager
+def served_process(ckpt, port: int, *flags: str):
+    """`python -m qwenkit.cli serve` on ckpt until the block ends; yields the banner it printed."""
     cmd = [sys.executable, "-m", "qwenkit.cli", "serve", "--model", str(ckpt), "--port", str(port),
-           "--api-key", "s3cret", "--dtype", "float32", "--kv-cache-memory", "1MiB", "--threads", "1"]
+           "--dtype", "float32", "--threads", "1", *flags]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     banner = []
     try:
@@ -41,13 +39,22 @@ def served(tmp_path_factory):
             line = proc.stdout.readline()
             assert line and time.time() < deadline, "server exited or hung:\n" + "".join(banner)
             banner.append(line)
-        url = f"http://127.0.0.1:{port}"
-        while httpx.get(url + "/health").status_code != 200:
+        while httpx.get(f"http://127.0.0.1:{port}/health").status_code != 200:
             time.sleep(0.05)
-        yield url, "".join(banner)
+        yield "".join(banner)
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    ckpt = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny-qwen", vocab_size=VOCAB, hidden_size=32,
+                           intermediate_size=64, num_hidden_layers=2, eos_token_id=258)
+    write_tokenizer(ckpt)
+    port = free_port()
+    with served_process(ckpt, port, "--api-key", "s3cret", "--kv-cache-memory", "1MiB") as banner:
+        yield f"http://127.0.0.1:{port}", banner
 
 
 def test_banner_reports_kv_capacity(served):

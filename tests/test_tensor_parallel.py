@@ -7,6 +7,7 @@ import json
 import socket
 
 import pytest
+import torch
 import torch.multiprocessing as mp
 
 from qwenkit.engine import Engine, EngineSettings, SamplingParams
@@ -82,3 +83,25 @@ def test_shard_rejects_uneven_heads():
 
     with pytest.raises(ConfigError, match="heads"):
         shard_model(tiny_model(), 0, 3)
+
+
+def test_serve_with_two_ranks_matches_offline(tmp_path):
+    """`qwenkit serve --tensor-parallel-size 2` spawns its worker and answers as one process does."""
+    import httpx
+
+    import qwenkit
+    from qwenkit.engine import LLM
+    from test_server import VOCAB, write_tokenizer
+    from test_server_cli import free_port, served_process
+    from tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "tiny-qwen", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, eos_token_id=258)
+    write_tokenizer(ckpt)
+    llm = LLM(qwenkit.load_model(ckpt, dtype=torch.float32), qwenkit.load_tokenizer(ckpt), num_blocks=64)
+    expected = llm.generate("hello world", SamplingParams(temperature=0, max_tokens=20))[0].text
+    port = free_port()
+    with served_process(ckpt, port, "--tensor-parallel-size", "2", "--num-kv-blocks", "64"):
+        body = {"model": "tiny-qwen", "prompt": "hello world", "max_tokens": 20, "temperature": 0}
+        r = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60)
+    assert r.json()["choices"][0]["text"] == expected
