@@ -50,7 +50,7 @@ class GRPO:
         per_seq = (per_token * mask).sum(-1) / mask.sum(-1)  # (N,)
         seq_kl = (kl * mask).sum(-1) / mask.sum(-1)
         lengths = [len(c) for _, c in completions]
-        metrics = {"loss": float(per_seq.detach().sum()), "reward": float(rewards.sum()), "kl": float(seq_kl.sum()),
+        metrics = {"loss": float(per_seq.detach().sum()), "reward": float(rewards.sum()), "kl": float(seq_kl.detach().sum()),
                    "length": float(sum(lengths))}
         return per_seq.sum(), metrics
 
