@@ -8,6 +8,8 @@ import shutil
 import unicodedata
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from qwenkit.tokenizer import load_tokenizer
 from test_tokenizer_support import QWEN3_FILES, QWEN_TIKTOKEN, corpus, default_gguf, pypi_data
@@ -101,3 +103,27 @@ def test_gguf_matches_official_tokenizer_json(gguf_tok, qwen3):
     for text in TEXTS:
         if not any(t in text for t in qwen3_only):
             assert gguf_tok.encode(text) == qwen3.encode(text), text
+
+
+@pytest.fixture(scope="module")
+def engines():
+    pytest.importorskip("tiktoken")
+    fast, slow = load_tokenizer(default_gguf()), load_tokenizer(default_gguf(), engine="tokenizers")
+    assert fast._fast is not None and slow._fast is None
+    return fast, slow
+
+
+def test_tiktoken_engine_matches_tokenizers_engine(engines):
+    fast, slow = engines
+    for allow in (True, False):
+        assert fast.encode_batch(TEXTS, allow_special=allow) == slow.encode_batch(TEXTS, allow_special=allow)
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(text=st.text(alphabet=st.characters(codec="utf-8"), max_size=80) | st.lists(
+    st.sampled_from(["<|im_end|>", "<think>", " ", "\n", "\r\n", "\t", "a", "é", "e\u0301", "中", "🙂", "123", "'s"]),
+    max_size=20).map("".join))
+def test_engines_agree_on_any_text(engines, text):
+    fast, slow = engines
+    assert fast.encode(text) == slow.encode(text)
+    assert fast.encode(text, allow_special=False) == slow.encode(text, allow_special=False)

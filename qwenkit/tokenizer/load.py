@@ -15,8 +15,22 @@ from .tokenizer import Tokenizer
 _NAMED_SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
 
 
-def load_tokenizer(path_or_id: str | Path) -> Tokenizer:
-    """A tokenizer from a checkpoint directory, a tokenizer file, a .gguf file or a model id."""
+def load_tokenizer(path_or_id: str | Path, engine: str = "auto") -> Tokenizer:
+    """A tokenizer from a checkpoint directory, a tokenizer file, a .gguf file or a model id.
+
+    engine="auto" encodes with tiktoken when installed and equivalent (see fast.py);
+    "tokenizers" always uses the Rust `tokenizers` pipeline.
+    """
+    tok = _load(path_or_id)
+    tok.engine = engine if engine in ("auto", "tokenizers") else _bad_engine(engine)
+    return tok
+
+
+def _bad_engine(engine: str):
+    raise TokenizerError(f"engine must be 'auto' or 'tokenizers', got {engine!r}")
+
+
+def _load(path_or_id: str | Path) -> Tokenizer:
     path = Path(path_or_id).expanduser()
     if not path.exists():
         path = _resolve_model_id(str(path_or_id))
