@@ -8,7 +8,8 @@ Temperature 0 is greedy. Qwen's recommended settings (from the model cards):
 | Qwen3, thinking mode         | 0.6         | 0.95  | 20    | 0     | never greedy (it repeats) |
 | Qwen3, non-thinking mode     | 0.7         | 0.8   | 20    | 0     | presence_penalty 0-1.5 if it repeats |
 
-`SamplingParams.qwen_recommended(thinking=...)` returns these.
+`SamplingParams.qwen_recommended(thinking=...)` returns the Qwen3 rows (add
+repetition_penalty=1.05 for Qwen2.5). docs/serving.md has the same table.
 """
 
 from __future__ import annotations
