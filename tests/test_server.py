@@ -253,3 +253,13 @@ def test_disconnect_mid_stream_frees_blocks(server):
     after = server.wait_idle()
     assert after["qwenkit_kv_blocks_used"] == 0 and after["qwenkit_kv_blocks_free"] == before["qwenkit_kv_blocks_free"]
     assert after["qwenkit_requests_aborted_total"] == before["qwenkit_requests_aborted_total"] + 1
+
+
+def test_disconnect_while_waiting_for_a_whole_reply_frees_blocks(server):
+    before = server.wait_idle()
+    body = {"model": "tiny", "prompt": "Once", "max_tokens": 1500, "temperature": 1.0, "ignore_eos": True}
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server.url + "/v1/completions", json=body, timeout=0.5)
+    after = server.wait_idle()
+    assert after["qwenkit_kv_blocks_used"] == 0
+    assert after["qwenkit_requests_aborted_total"] == before["qwenkit_requests_aborted_total"] + 1

@@ -8,11 +8,12 @@ injection-safe chat encoding: special-token strings inside client text stay plai
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from ..engine.async_engine import AsyncEngine
@@ -67,7 +68,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         return {"object": "list", "data": [card]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
-    async def chat(req: ChatCompletionRequest):
+    async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         tools = req.template_tools()
         prompt_ids = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
@@ -81,10 +82,10 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                           started_in_reasoning=reasoning and _opens_thinking(tokenizer, prompt_ids))
         if req.stream:
             return _sse(streaming.chat_events(stream, reply, parser, req.include_usage))
-        return await streaming.chat_body(stream, reply, parser)
+        return await _unless_disconnected(request, stream, streaming.chat_body(stream, reply, parser))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
-    async def completions(req: CompletionRequest):
+    async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompt = req.prompt_input()
         prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
@@ -92,9 +93,20 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         reply = Reply("text", model_name, tokenizer, len(prompt_ids))
         if req.stream:
             return _sse(streaming.text_events(stream, reply, req.include_usage))
-        return await streaming.text_body(stream, reply)
+        return await _unless_disconnected(request, stream, streaming.text_body(stream, reply))
 
     return app
+
+
+async def _unless_disconnected(request: Request, stream, body):
+    """The body, unless the client leaves first: then the request is aborted (its blocks freed)."""
+    task = asyncio.ensure_future(body)
+    while not (await asyncio.wait({task}, timeout=0.25))[0]:
+        if await request.is_disconnected():
+            task.cancel()
+            stream.abort()
+            return Response(status_code=499)
+    return task.result()
 
 
 def _rest_of_context(engine: AsyncEngine, prompt_ids: list[int]) -> int:

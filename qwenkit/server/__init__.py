@@ -1,0 +1,1 @@
+"""The OpenAI-compatible HTTP server (`qwenkit serve`); needs the `server` extra (fastapi, uvicorn)."""
