@@ -38,6 +38,12 @@ def test_special_strings_follow_allow_special(tok):
     assert tok.decode(plain) == text
 
 
+def test_decode_of_bad_ids(tok):
+    assert tok.decode([9707, 10**6, 9707]) == "HelloHello"  # unknown ids add nothing, as in tokenizers
+    with pytest.raises(TokenizerError):
+        tok.decode([-1])
+
+
 def test_decode_skips_control_tokens(tok):
     ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
     assert tok.decode(ids, skip_special_tokens=True) == "user\nhi"

@@ -10,6 +10,7 @@ from functools import cached_property
 
 from tokenizers import Tokenizer as Backend
 
+from ..errors import TokenizerError
 from . import chat
 from .bpe import unicode_to_byte
 from .fast import TiktokenEngine, tiktoken_engine
@@ -74,7 +75,11 @@ class Tokenizer:
         return tiktoken_engine(self._backend, threads=os.cpu_count() or 1)
 
     def decode(self, ids: list[int], skip_special_tokens: bool = False) -> str:
-        return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        """Text of the ids; ids outside the vocabulary add nothing, as in `tokenizers`."""
+        try:
+            return self._backend.decode(list(ids), skip_special_tokens=skip_special_tokens)
+        except (OverflowError, TypeError) as e:
+            raise TokenizerError(f"token ids must be non-negative ints ({e})") from e
 
     def id_to_token(self, token_id: int) -> str | None:
         """The token's spelling in the vocabulary (byte-level alphabet, e.g. 'Ġhello')."""
