@@ -65,3 +65,21 @@ def test_resume_from_another_model_shape_fails_clearly(tmp_path):
     with pytest.raises(CheckpointError, match=r"another shape: hidden_size=32 \(this run: 48\)"):
         main(["pretrain", "--config", str(tmp_path / "wide.toml"), "--out", str(tmp_path / "w"),
               "--resume", str(ckpt)])
+
+
+def test_lora_run_resumes_from_adapter_only_checkpoint(tmp_path):
+    from qwenkit.train.cli import main
+    from train_tiny import write_sft
+
+    sections = pretrain_sections(tmp_path, max_steps=4, checkpoint_every=2, eval_every=0)
+    sections["data"].update(train=str(write_sft(tmp_path / "sft.jsonl")), seq_len=48)
+    sections["lora"] = {"enabled": True, "r": 2, "dropout": 0.2}
+    config = write_config(tmp_path / "c.toml", sections)
+    assert main(["sft", "--config", str(config), "--out", str(tmp_path / "a")]) == 0
+    ckpt = tmp_path / "a" / "checkpoints" / "step-00000002.pt"
+    import torch
+
+    saved = torch.load(ckpt, weights_only=False)["model"]
+    assert saved and all(".lora." in k for k in saved)  # frozen base weights are not copied
+    assert main(["sft", "--config", str(config), "--out", str(tmp_path / "b"), "--resume", str(ckpt)]) == 0
+    assert _losses(tmp_path / "b") == {k: v for k, v in _losses(tmp_path / "a").items() if k > 2}

@@ -160,7 +160,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
     p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy answers on held-out rows")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--adapter")
-    p.add_argument("--data", required=True)
+    p.add_argument("--data", required=True, help="a .jsonl file or task:NAME:N[:SEED]")
     p.add_argument("--reward", required=True, choices=sorted(REWARDS))
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=48)

@@ -175,7 +175,7 @@ def _build(cls, d: dict, prefix: str, source: str):
     names = {f.name for f in dataclasses.fields(cls)}
     for key in d:
         if key not in names:
-            raise ConfigError(f"{source}: unknown key {prefix}{key!r}; known: {', '.join(sorted(names))}")
+            raise ConfigError(f"{source}: unknown key {prefix + key!r}; known: {', '.join(sorted(names))}")
     kw = {}
     for name, value in d.items():
         hint = hints[name]

@@ -42,7 +42,13 @@ class RowReport:
 
 def read_rows(path: str | Path, check: Callable[[dict], str | None], strict: bool = False,
               max_rows: int = 0) -> tuple[list[dict], RowReport]:
-    """JSON objects from a .jsonl file; `check(row)` returns a reason when a row is malformed."""
+    """JSON objects from a .jsonl file (or a generated "task:NAME:N[:SEED]"); `check(row)` returns a
+    reason when a row is malformed."""
+    if str(path).startswith("task:"):
+        from .tasks import task_rows
+
+        rows = task_rows(str(path))[: max_rows or None]
+        return rows, RowReport(str(path), kept=len(rows))
     path = Path(path)
     if not path.is_file():
         raise TrainingError(f"{path}: data file not found")

@@ -38,7 +38,7 @@ class Setup:
 
 
 def build_setup(cfg: TrainConfig, device: torch.device, log=print) -> Setup:
-    docs = _pretrain_docs(cfg) if cfg.objective == "pretrain" else None
+    docs = _pretrain_docs(cfg, log) if cfg.objective == "pretrain" else None
     tokenizer, tok_dir = _tokenizer(cfg, docs, log)
     model = _model(cfg, tokenizer).to(device)
     if cfg.lora.enabled:
@@ -118,7 +118,7 @@ def _checkpoint_dir(path_or_id: str) -> Path | None:
 
 # ---- per objective ----------------------------------------------------------------------------
 
-def _pretrain_docs(cfg: TrainConfig) -> list[str]:
+def _pretrain_docs(cfg: TrainConfig, log) -> list[str]:
     src = cfg.data.train
     if src.startswith("corpus:"):
         from .corpora import corpus_docs
@@ -129,7 +129,7 @@ def _pretrain_docs(cfg: TrainConfig) -> list[str]:
             raise TrainingError(f"{src}: data file not found")
         return [Path(src).read_text(encoding="utf-8", errors="replace")]
     rows, report = D.read_rows(src, _check_text, cfg.data.strict, cfg.data.max_rows)
-    print(report.summary())
+    log(report.summary())
     return [r["text"] for r in rows]
 
 

@@ -13,6 +13,8 @@ import random
 import re
 from typing import Callable
 
+from ..errors import ConfigError
+
 NAMES = ["Maria", "Tom", "Aisha", "Kenji", "Lena", "Omar", "Sofia", "Ivan", "Chloe", "Rahul", "Nora", "Diego",
          "Mei", "Lucas", "Fatima", "Jonas", "Priya", "Emil", "Zara", "Pablo", "Hana", "Felix", "Amara", "Leo"]
 CITIES = ["Lisbon", "Osaka", "Nairobi", "Toronto", "Berlin", "Lima", "Hanoi", "Oslo", "Cairo", "Quito",
@@ -49,6 +51,14 @@ TASKS: dict[str, Callable[[random.Random], dict]] = {"json_extract": json_extrac
 def make_rows(task: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [TASKS[task](rng) for _ in range(n)]
+
+
+def task_rows(spec: str) -> list[dict]:
+    """Rows of "task:NAME:N[:SEED]" (a data source a config can name instead of a file)."""
+    parts = spec.split(":")
+    if len(parts) not in (3, 4) or parts[1] not in TASKS or not all(p.isdigit() for p in parts[2:]):
+        raise ConfigError(f"{spec!r}: want task:NAME:N[:SEED] with NAME one of {', '.join(TASKS)}")
+    return make_rows(parts[1], int(parts[2]), int(parts[3]) if len(parts) == 4 else 0)
 
 
 def arithmetic_reward(completion: str, row: dict) -> float:
