@@ -8,10 +8,12 @@
 """
 
 from .config import QwenConfig
+from .engine import LLM, EngineSettings, SamplingParams
 from .errors import CheckpointError, ConfigError, QwenkitError, RequestError, TokenizerError
 from .generate import generate, generate_stream
 from .loader import build_model, load_model
 from .model.qwen import QwenForCausalLM
+from .model.quant import quantize
 
 
 def load_tokenizer(path_or_id=None):
@@ -22,6 +24,7 @@ def load_tokenizer(path_or_id=None):
 
 
 __all__ = [
+    "LLM", "SamplingParams", "EngineSettings", "quantize",
     "QwenConfig", "QwenForCausalLM", "build_model", "load_model", "load_tokenizer", "generate",
     "generate_stream", "QwenkitError", "ConfigError", "CheckpointError", "TokenizerError", "RequestError",
 ]
