@@ -93,7 +93,8 @@ class GRPOSection:
     top_k: int = 0
     top_p: float = 1.0
     kl_coef: float = 0.04
-    reward: str = "arithmetic"  # a name in rewards.REWARDS
+    reward: str = "arithmetic"  # a name in tasks.REWARDS
+    rollout: str = "engine"  # "engine" (qwenkit.engine, all completions batched) or "generate" (one by one)
 
 
 @dataclass(frozen=True)
@@ -115,6 +116,8 @@ class TrainConfig:
                               f"run.micro_batch_size ({self.run.micro_batch_size})")
         if self.run.precision not in ("auto", "fp32", "bf16"):
             raise ConfigError(f"run.precision: {self.run.precision!r} is not auto, fp32 or bf16")
+        if self.grpo.rollout not in ("engine", "generate"):
+            raise ConfigError(f"grpo.rollout: {self.grpo.rollout!r} is not engine or generate")
         if self.run.distributed not in ("ddp", "fsdp"):
             raise ConfigError(f"run.distributed: {self.run.distributed!r} is not ddp or fsdp")
 

@@ -69,17 +69,31 @@ class GRPO:
         was_training = policy.training
         policy.eval()
         c = self.cfg
-        completions, rewards = [], []
-        for prompt, row in zip(batch["prompt_ids"], batch["rows"]):
-            for _ in range(c.group_size):
-                out = generate(policy, prompt, c.max_new_tokens, c.temperature, c.top_k or None, c.top_p,
-                               self.stop_ids)
-                completions.append((prompt, out))
-                rewards.append(self.reward_fn(self.tokenizer.decode(out, skip_special_tokens=True), row))
+        prompts = [p for p in batch["prompt_ids"] for _ in range(c.group_size)]
+        rows = [r for r in batch["rows"] for _ in range(c.group_size)]
+        outs = self.sample(policy, prompts)
         policy.train(was_training)
+        completions = list(zip(prompts, outs))
+        rewards = [self.reward_fn(self.tokenizer.decode(o, skip_special_tokens=True), row) for o, row in zip(outs, rows)]
         r = torch.tensor(rewards, dtype=torch.float32).view(-1, c.group_size)  # (prompts, G)
         adv = (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True, unbiased=False) + 1e-4)
         return completions, r.flatten(), adv.flatten()
+
+    def sample(self, policy, prompts: list[list[int]]) -> list[list[int]]:
+        """One sampled completion per prompt; seeds come from the (per-step seeded) torch RNG."""
+        c = self.cfg
+        seeds = torch.randint(0, 2**31 - 1, (len(prompts),)).tolist()
+        if c.rollout == "generate":
+            return [generate(policy, p, c.max_new_tokens, c.temperature, c.top_k or None, c.top_p, self.stop_ids, s)
+                    for p, s in zip(prompts, seeds)]
+        from ..engine import LLM, EngineSettings, SamplingParams
+
+        params = [SamplingParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
+                                 top_p=c.top_p, seed=s, stop_token_ids=tuple(self.stop_ids)) for s in seeds]
+        # A fresh engine per rollout: its prefix cache must not outlive the weights it was computed with.
+        blocks = sum(-(-(len(p) + c.max_new_tokens + 1) // 16) for p in prompts) + 2
+        llm = LLM(policy, self.tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=len(prompts)))
+        return [out.token_ids for out in llm.generate(prompts, params)]
 
     @torch.no_grad()
     def evaluate(self, model, rows: list[dict], prompts: list[list[int]]) -> dict:
@@ -105,12 +119,16 @@ class _ReferenceView(torch.nn.Module):
 @torch.no_grad()
 def mean_reward(model, tokenizer, prompts: list[list[int]], rows: list[dict], reward_fn,
                 max_new_tokens: int) -> float:
-    """Greedy decode each prompt and average the rewards (before/after numbers for recipes)."""
+    """Greedy-decode every prompt (batched in qwenkit's engine) and average the rewards."""
+    from ..engine import LLM, EngineSettings, SamplingParams
+
     was_training = model.training
     model.eval()
-    total = 0.0
-    for prompt, row in zip(prompts, rows):
-        out = generate(model, prompt, max_new_tokens, 0.0, stop_token_ids=list(tokenizer.eos_token_ids))
-        total += reward_fn(tokenizer.decode(out, skip_special_tokens=True), row)
+    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
+                            stop_token_ids=tuple(tokenizer.eos_token_ids))
+    blocks = sum(-(-(len(p) + max_new_tokens + 1) // 16) for p in prompts) + 2
+    llm = LLM(model, tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=max(1, len(prompts))))
+    outs = llm.generate(prompts, [params] * len(prompts)) if prompts else []
     model.train(was_training)
+    total = sum(reward_fn(tokenizer.decode(o.token_ids, skip_special_tokens=True), row) for o, row in zip(outs, rows))
     return total / max(1, len(rows))
