@@ -110,7 +110,7 @@ def tokenize_corpus(docs: list[str], tokenizer, cache_dir: Path | None = None) -
     """All documents as one token stream, each followed by <|endoftext|>; cached by content hash."""
     eot = tokenizer.token_to_id("<|endoftext|>")
     key = hashlib.sha256()
-    key.update(json.dumps([tokenizer.vocab_size, tokenizer.id_to_token(tokenizer.vocab_size // 2)]).encode())
+    key.update(tokenizer.backend.to_str().encode())  # the whole vocabulary and pipeline
     for d in docs:
         key.update(hashlib.sha256(d.encode()).digest())
     cache = cache_dir / f"tokens-{key.hexdigest()[:16]}.npy" if cache_dir else None

@@ -47,19 +47,26 @@ def plot_losses(metrics_path: Path, png_path: Path, title: str = "") -> Path | N
     except ImportError:
         return None
     rows = read_metrics(metrics_path)
-    train = [(r["step"], r["loss"]) for r in rows if "loss" in r and "eval_loss" not in r]
-    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    rewards = any("reward" in r for r in rows)  # GRPO: the reward is the curve that matters
+    fig, axes = plt.subplots(1, 2 if rewards else 1, figsize=(12 if rewards else 7, 4), dpi=110, squeeze=False)
+    _curve(axes[0][0], rows, "loss", "eval_loss", "loss", title)
+    if rewards:
+        _curve(axes[0][1], rows, "reward", "eval_reward", "mean reward", title)
+    fig.tight_layout()
+    fig.savefig(png_path)
+    plt.close(fig)
+    return png_path
+
+
+def _curve(ax, rows: list[dict], train_key: str, eval_key: str, label: str, title: str) -> None:
+    train = [(r["step"], r[train_key]) for r in rows if train_key in r]
+    evals = [(r["step"], r[eval_key]) for r in rows if eval_key in r]
     if train:
         ax.plot(*zip(*train), label="train", linewidth=1)
     if evals:
         ax.plot(*zip(*evals), "o-", label="eval", markersize=4)
     ax.set_xlabel("step")
-    ax.set_ylabel("loss")
+    ax.set_ylabel(label)
     ax.set_title(title)
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png_path)
-    plt.close(fig)
-    return png_path
