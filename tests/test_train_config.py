@@ -49,3 +49,17 @@ def test_unknown_model_config_key_fails_before_training(tmp_path):
 
         model_config(load_config(path, "pretrain"), type("T", (), {"vocab_size": 10, "eos_token_ids": []})())
     assert main(["--help"]) == 0
+
+
+def test_cli_reports_bad_config_and_strict_data_in_one_line(tmp_path, capsys):
+    from qwenkit.cli import main
+
+    path = write_config(tmp_path / "c.toml", {"run": {"max_steps": "ten"}})
+    assert main(["train", "pretrain", "--config", str(path)]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "run.max_steps must be int" in err
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"messages": []}\n')
+    sections = {"data": {"train": str(rows), "tokenizer": str(tmp_path / "none")}}
+    assert main(["train", "sft", "--config", str(write_config(tmp_path / "s.toml", sections)), "--strict"]) == 1
+    assert "rows.jsonl:1: malformed row (no messages list)" in capsys.readouterr().err

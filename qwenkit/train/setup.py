@@ -38,7 +38,12 @@ class Setup:
 
 
 def build_setup(cfg: TrainConfig, device: torch.device, log=print) -> Setup:
-    docs = _pretrain_docs(cfg, log) if cfg.objective == "pretrain" else None
+    # Data first: a malformed file fails before a model is loaded.
+    if cfg.objective == "pretrain":
+        docs, source = _pretrain_docs(cfg, log), None
+    else:
+        _check_reward(cfg)
+        docs, source = None, _rows_split(cfg, _CHECKS[cfg.objective])
     tokenizer, tok_dir = _tokenizer(cfg, docs, log)
     model = _model(cfg, tokenizer).to(device)
     if cfg.lora.enabled:
@@ -47,7 +52,7 @@ def build_setup(cfg: TrainConfig, device: torch.device, log=print) -> Setup:
         lo = cfg.lora
         apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.targets, seed=cfg.run.seed)
     build = {"pretrain": _pretrain, "sft": _sft, "dpo": _dpo, "grpo": _grpo}[cfg.objective]
-    setup = build(cfg, tokenizer, model, docs)
+    setup = build(cfg, tokenizer, model, docs if source is None else source)
     setup.tokenizer_dir = tok_dir
     for r in setup.reports:
         log(r.summary())
@@ -171,10 +176,10 @@ def _sft_examples(rows, tokenizer, seq_len, report) -> list[dict]:
     return out
 
 
-def _sft(cfg, tokenizer, model, _docs) -> Setup:
+def _sft(cfg, tokenizer, model, source) -> Setup:
     from .objectives import LanguageModel
 
-    train, held, reports = _rows_split(cfg, D.check_messages)
+    train, held, reports = source
     train = _sft_examples(train, tokenizer, cfg.data.seq_len, reports[0])
     held = _sft_examples(held, tokenizer, cfg.data.seq_len, reports[-1])
     return Setup(model, tokenizer, None, LanguageModel(), train, held, D.collate_masked, reports)
@@ -207,10 +212,10 @@ def collate_pairs(examples: list[dict]) -> dict:
     return batch
 
 
-def _dpo(cfg, tokenizer, model, _docs) -> Setup:
+def _dpo(cfg, tokenizer, model, source) -> Setup:
     from .objectives import DPO, sequence_logps
 
-    train, held, reports = _rows_split(cfg, _check_pair)
+    train, held, reports = source
     sets = []
     for rows, report in ((train, reports[0]), (held, reports[-1])):
         examples = []
@@ -237,17 +242,22 @@ def _check_prompt(row: dict) -> str | None:
     return None if "answer" in row else "no 'answer'"
 
 
+def _check_reward(cfg: TrainConfig) -> None:
+    from .tasks import REWARDS
+
+    if cfg.objective == "grpo" and cfg.grpo.reward not in REWARDS:
+        raise ConfigError(f"grpo.reward: unknown {cfg.grpo.reward!r}; known: {', '.join(REWARDS)}")
+
+
 def collate_prompts(examples: list[dict]) -> dict:
     return {"prompt_ids": [e["prompt_ids"] for e in examples], "rows": [e["row"] for e in examples]}
 
 
-def _grpo(cfg, tokenizer, model, _docs) -> Setup:
+def _grpo(cfg, tokenizer, model, source) -> Setup:
     from .grpo import GRPO
     from .tasks import REWARDS, prompt_messages
 
-    if cfg.grpo.reward not in REWARDS:
-        raise ConfigError(f"grpo.reward: unknown {cfg.grpo.reward!r}; known: {', '.join(REWARDS)}")
-    train, held, reports = _rows_split(cfg, _check_prompt)
+    train, held, reports = source
 
     def encode(rows):
         return [{"prompt_ids": tokenizer.apply_chat_template(prompt_messages(r), add_generation_prompt=True,
@@ -256,3 +266,6 @@ def _grpo(cfg, tokenizer, model, _docs) -> Setup:
     reference = None if cfg.lora.enabled else copy.deepcopy(model).eval().requires_grad_(False)
     objective = GRPO(cfg.grpo, tokenizer, REWARDS[cfg.grpo.reward], reference)
     return Setup(model, tokenizer, None, objective, encode(train), encode(held), collate_prompts, reports)
+
+
+_CHECKS = {"sft": D.check_messages, "dpo": _check_pair, "grpo": _check_prompt}
