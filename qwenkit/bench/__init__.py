@@ -1,0 +1,83 @@
+"""`qwenkit bench`: qwenkit against its peers on the same weights and prompts, in one run.
+
+Every configuration runs in its own process (clean memory high-water mark, thread count set
+once), after and before a bandwidth / GEMM probe, so ratios compare like with like on a noisy
+machine. `qwenkit bench serve` measures the HTTP server under concurrent clients instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIGS = ("qwenkit:bfloat16,qwenkit:bfloat16:int8,qwenkit:bfloat16:int4,qwenkit:float32,"
+                   "transformers:bfloat16,transformers:float32,llama.cpp:gguf,vllm:bfloat16")
+
+
+def parse_config(text: str) -> dict:
+    peer, dtype, *quant = text.split(":")
+    return {"peer": peer, "dtype": dtype, "quant": quant[0] if quant else None, "name": text}
+
+
+def run_config(spec: dict, timeout: int) -> dict:
+    if spec["peer"] == "vllm":
+        from .vllm_peer import run_vllm
+
+        return run_vllm(spec, timeout)
+    cmd = [sys.executable, "-m", "qwenkit.bench.runners", json.dumps(spec)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line.removeprefix("BENCH_RESULT "))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail}"}
+
+
+def main(argv: list[str], prog: str = "qwenkit bench") -> int:
+    if argv and argv[0] == "serve":
+        from .serve import main as serve_main
+
+        return serve_main(argv[1:], prog=f"{prog} serve")
+    args = _parser(prog).parse_args(argv)
+    from ..loader import resolve_path
+    from .probes import probe
+    from .report import render, save
+
+    import torch
+
+    torch.set_num_threads(args.threads)
+    path = str(resolve_path(args.model))
+    results = {"model": args.model, "path_name": Path(path).name, "probe_before": probe(), "configs": {}}
+    for text in args.configs.split(","):
+        spec = {**parse_config(text), "path": path, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
+                "batch": args.batch, "repeats": args.repeats, "threads": args.threads}
+        print(f"[bench] {text} ...", file=sys.stderr, flush=True)
+        results["configs"][text] = run_config(spec, args.timeout)
+    results["probe_after"] = probe()
+    print(render(results))
+    save(results, Path(args.out))
+    return 0
+
+
+def _parser(prog: str) -> argparse.ArgumentParser:
+    from ..weights.hub import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL, help="model path or id (a .gguf lets llama.cpp run too)")
+    p.add_argument("--configs", default=DEFAULT_CONFIGS,
+                   help="comma-separated peer:dtype[:quant] (peers: qwenkit, transformers, llama.cpp, vllm)")
+    p.add_argument("--prompt-len", type=int, default=512)
+    p.add_argument("--new-tokens", type=int, default=128)
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.png")
+    return p

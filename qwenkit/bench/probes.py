@@ -1,0 +1,41 @@
+"""Physical bounds measured in the same run as the models: memory read bandwidth and bf16 GEMM peak.
+
+Decode at small batch is bound by reading the weights (bytes per token / bandwidth); prefill by
+matrix-multiply throughput (FLOPs per token / GEMM peak). Both are measured, never assumed.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def _median_time(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+    """Bytes per second for summing a buffer far larger than the caches (all threads)."""
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
+    seconds = _median_time(lambda: x.sum(), repeats)
+    return x.numel() * 4 / seconds
+
+
+def gemm_peak(n: int = 2048, dtype=torch.bfloat16, repeats: int = 5) -> float:
+    """FLOP/s of an n x n x n matrix multiply in `dtype`."""
+    a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+    seconds = _median_time(lambda: a @ b, repeats)
+    return 2 * n**3 / seconds
+
+
+def probe() -> dict:
+    return {"read_GBps": read_bandwidth() / 1e9, "bf16_gemm_GFLOPs": gemm_peak() / 1e9,
+            "threads": torch.get_num_threads()}

@@ -1,0 +1,97 @@
+"""Bench results as a table with fractions of the physical bound and ratios against each peer."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+COLUMNS = [("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1"),
+           ("decode_b8_tok_s", "decode b8"), ("peak_rss_bytes", "peak RSS GB")]
+
+
+def bounds(results: dict) -> dict:
+    """Per qwenkit config: decode bound (bandwidth / bytes per token), prefill bound (GEMM / FLOPs)."""
+    bw = min(results["probe_before"]["read_GBps"], results["probe_after"]["read_GBps"]) * 1e9
+    gemm = max(results["probe_before"]["bf16_gemm_GFLOPs"], results["probe_after"]["bf16_gemm_GFLOPs"]) * 1e9
+    out = {}
+    for name, r in results["configs"].items():
+        if "weight_bytes_per_token" in r:
+            out[name] = {"decode_bound_tok_s": bw / r["weight_bytes_per_token"],
+                         "prefill_bound_tok_s": gemm / r["prefill_flops_per_token"]}
+    return out
+
+
+def _cell(key: str, value) -> str:
+    if value is None:
+        return "-"
+    if key == "peak_rss_bytes":
+        return f"{value / 1e9:.2f}"
+    return f"{value:.3f}" if key == "ttft_s" else f"{value:.1f}"
+
+
+def render(results: dict) -> str:
+    lines = [f"model: {results['model']}",
+             "probe before: {read_GBps:.1f} GB/s read, {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16 GEMM, {threads} threads".format(**results["probe_before"]),
+             "probe after:  {read_GBps:.1f} GB/s read, {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16 GEMM".format(**results["probe_after"]),
+             "", "| config | " + " | ".join(h for _, h in COLUMNS) + " | decode b1 / bound | prefill / bound |",
+             "|---" * (len(COLUMNS) + 3) + "|"]
+    b = bounds(results)
+    for name, r in results["configs"].items():
+        if "error" in r:
+            lines.append(f"| {name} | not run: {r['error']} |")
+            continue
+        frac = b.get(name, {})
+        d = f"{r['decode_b1_tok_s'] / frac['decode_bound_tok_s']:.0%}" if frac else "-"
+        p = f"{r['prefill_tok_s'] / frac['prefill_bound_tok_s']:.0%}" if frac else "-"
+        lines.append(f"| {name} | " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + f" | {d} | {p} |")
+    lines += ["", ratios(results)]
+    return "\n".join(lines)
+
+
+def ratios(results: dict) -> str:
+    """qwenkit's best config in each column divided by each peer's value (>1: qwenkit ahead)."""
+    ok = {n: r for n, r in results["configs"].items() if "error" not in r}
+    ours = {n: r for n, r in ok.items() if n.startswith("qwenkit:")}
+    peers = {n: r for n, r in ok.items() if not n.startswith("qwenkit:")}
+    if not ours or not peers:
+        return "(no peer ran: no ratios)"
+    lines = ["ratios, qwenkit bf16 (and best qwenkit config) / peer:"]
+    bf16 = ours.get("qwenkit:bfloat16")
+    for key, label in COLUMNS[:4]:
+        lower_better = key == "ttft_s"
+        best = min(ours.values(), key=lambda r: r[key]) if lower_better else max(ours.values(), key=lambda r: r[key])
+        for pname, pr in peers.items():
+            f = (lambda a, b: b / a) if lower_better else (lambda a, b: a / b)
+            base = f"{f(bf16[key], pr[key]):.2f}x" if bf16 else "-"
+            lines.append(f"  {label:14s} vs {pname:24s} bf16 {base}   best {f(best[key], pr[key]):.2f}x")
+    return "\n".join(lines)
+
+
+def save(results: dict, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    results = {**results, "bounds": bounds(results)}
+    tmp = out / "bench.json.tmp"
+    tmp.write_text(json.dumps(results, indent=2))
+    os.replace(tmp, out / "bench.json")
+    try:
+        _plot(results, out / "bench.png")
+    except ImportError:
+        pass  # matplotlib is optional (the eval/train extras bring it)
+
+
+def _plot(results: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = {n: r for n, r in results["configs"].items() if "error" not in r}
+    keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    for ax, key in zip(axes, keys):
+        ax.barh(list(ok), [r[key] for r in ok.values()], color=["C0" if n.startswith("qwenkit") else "C1" for n in ok])
+        ax.set_title(key.replace("_", " "))
+    fig.suptitle(f"{results['model']}: tokens/s (blue: qwenkit)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
