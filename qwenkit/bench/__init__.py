@@ -57,7 +57,7 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
     results = {"model": args.model, "path_name": Path(path).name, "probe_before": probe(), "configs": {}}
     for text in args.configs.split(","):
         spec = {**parse_config(text), "path": path, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "batch": args.batch, "repeats": args.repeats, "threads": args.threads}
+                "batch": args.batch, "repeats": args.repeats, "threads": args.threads, "device": args.device}
         print(f"[bench] {text} ...", file=sys.stderr, flush=True)
         results["configs"][text] = run_config(spec, args.timeout)
     results["probe_after"] = probe()
@@ -78,6 +78,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
+    p.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp runs on the CPU build here)")
     p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.png")
     return p

@@ -16,11 +16,12 @@ import torch
 
 
 class QwenkitRunner:
-    def __init__(self, path, dtype: str, quant: str | None):
+    def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
         import qwenkit
         from ..model.quant import quantize
 
-        self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype))
+        self.device = device
+        self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype), device=device)
         if quant:
             quantize(self.model, quant)
         self.cache = None
@@ -28,35 +29,36 @@ class QwenkitRunner:
     @torch.inference_mode()
     def prefill(self, ids: list[list[int]], extra: int) -> list[int]:
         self.cache = self.model.new_cache(len(ids), len(ids[0]) + extra)
-        logits = self.model(torch.tensor(ids), cache=self.cache, logits_to_keep=1)  # (B, 1, V)
+        logits = self.model(torch.tensor(ids, device=self.device), cache=self.cache, logits_to_keep=1)  # (B, 1, V)
         return logits[:, -1].argmax(-1).tolist()
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> list[int]:
-        logits = self.model(torch.tensor(tokens)[:, None], cache=self.cache)  # (B, 1, V)
+        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)  # (B, 1, V)
         return logits[:, -1].argmax(-1).tolist()
 
 
 class TransformersRunner:
-    def __init__(self, path, dtype: str, quant: str | None):
+    def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
         import transformers
         from pathlib import Path
 
         path = Path(path)
         kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
         root = path.parent if path.suffix == ".gguf" else path
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), **kw).eval()
-        self.past = None
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), **kw)
+        self.model = self.model.to(device).eval()
+        self.device, self.past = device, None
 
     @torch.inference_mode()
     def prefill(self, ids, extra):
-        out = self.model(torch.tensor(ids), use_cache=True, logits_to_keep=1)
+        out = self.model(torch.tensor(ids, device=self.device), use_cache=True, logits_to_keep=1)
         self.past = out.past_key_values
         return out.logits[:, -1].argmax(-1).tolist()
 
     @torch.inference_mode()
     def step(self, tokens):
-        out = self.model(torch.tensor(tokens)[:, None], past_key_values=self.past, use_cache=True)
+        out = self.model(torch.tensor(tokens, device=self.device)[:, None], past_key_values=self.past, use_cache=True)
         self.past = out.past_key_values
         return out.logits[:, -1].argmax(-1).tolist()
 
@@ -64,7 +66,7 @@ class TransformersRunner:
 class LlamaCppRunner:
     """llama.cpp through llama-cpp-python's low-level API: one context, one sequence id per row."""
 
-    def __init__(self, path, dtype: str, quant: str | None, n_ctx: int = 8 * 1024):
+    def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu", n_ctx: int = 8 * 1024):
         import llama_cpp as ll
 
         self.ll = ll
@@ -128,7 +130,7 @@ def run(spec: dict) -> dict:
     from .timing import time_config
 
     t0 = time.perf_counter()
-    runner = RUNNERS[spec["peer"]](spec["path"], spec["dtype"], spec.get("quant"))
+    runner = RUNNERS[spec["peer"]](spec["path"], spec["dtype"], spec.get("quant"), spec.get("device", "cpu"))
     result = {"load_s": time.perf_counter() - t0}
     result.update(time_config(runner, spec))
     result["peak_rss_bytes"] = peak_rss_bytes()
