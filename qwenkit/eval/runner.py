@@ -1,0 +1,76 @@
+"""The loop every generation benchmark shares: batch the pending items through the engine, score
+each completion, log it (append-only, so a killed run resumes), then write the summary atomically."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .store import ItemLog, write_atomic, write_json
+
+
+@dataclass(frozen=True)
+class Item:
+    id: str
+    prompt: object  # text, token ids or a conversation: whatever LLM.generate takes
+    payload: object = None  # what the scorer needs (the task)
+
+
+def build_llm(model_path: str, dtype: str = "float32", device: str = "cpu", max_num_seqs: int = 32,
+              kv_cache_memory: int = 2 << 30):
+    """(LLM, tokenizer): the batching engine with a fixed KV budget (a share of free memory would
+    grow with the machine, not the benchmark)."""
+    import torch
+
+    from .. import load_model, load_tokenizer
+    from ..engine.llm import LLM
+
+    model = load_model(model_path, dtype=getattr(torch, dtype), device=device)
+    tokenizer = load_tokenizer(model.source)
+    llm = LLM(model, tokenizer, max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory)
+    return llm, tokenizer
+
+
+def run_items(items: list[Item], log: ItemLog, generate: Callable[[list[Item]], list[list[str]]],
+              score: Callable[[Item, list[str], int], dict], batch: int = 32, workers: int = 2,
+              desc: str = "eval") -> list[dict]:
+    """Generate and score the items not yet in `log`; returns every record (old and new).
+    `generate` maps a batch of items to their completions (one list of samples per item);
+    `score(item, samples, slot)` runs in `workers` threads, each with its own sandbox slot."""
+    from tqdm import tqdm
+
+    done = log.done_ids()
+    pending = [item for item in items if item.id not in done]
+    bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=desc, unit="item")
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(pending), batch):
+            chunk = pending[start:start + batch]
+            t0 = time.monotonic()
+            samples = generate(chunk)
+            seconds = (time.monotonic() - t0) / len(chunk)
+            slots = [i % workers for i in range(len(chunk))]
+            for item, outs, result in zip(chunk, samples, pool.map(score, chunk, samples, slots)):
+                log.append({"id": item.id, "samples": outs, **result, "gen_seconds": round(seconds, 2)})
+                bar.update(1)
+    bar.close()
+    order = {item.id: i for i, item in enumerate(items)}
+    return sorted((r for r in log.records if r["id"] in order), key=lambda r: order[r["id"]])
+
+
+def finish(out_dir: Path, summary: dict, report_md: str) -> None:
+    """summary.json and report.md, each written atomically."""
+    write_json(out_dir / "summary.json", summary)
+    write_atomic(out_dir / "report.md", report_md)
+
+
+def markdown_table(rows: list[dict], columns: list[str]) -> str:
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(row.get(c)) for c in columns) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def _cell(value) -> str:
+    return f"{value:.1f}" if isinstance(value, float) else ("" if value is None else str(value))
