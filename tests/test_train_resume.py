@@ -59,6 +59,8 @@ def test_resume_from_another_model_shape_fails_clearly(tmp_path):
     assert main(["pretrain", "--config", str(config)]) == 0
     ckpt = tmp_path / "run" / "checkpoints" / "step-00000002.pt"
     assert ckpt.is_file() and not list(ckpt.parent.glob("*.tmp"))
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(tmp_path / "hf")]) == 0
+    _assert_same_logits_as_transformers(tmp_path / "hf")
     wider = pretrain_sections(tmp_path, max_steps=4)
     wider["model.config"]["hidden_size"] = 48
     write_config(tmp_path / "wide.toml", wider)
@@ -83,3 +85,15 @@ def test_lora_run_resumes_from_adapter_only_checkpoint(tmp_path):
     assert saved and all(".lora." in k for k in saved)  # frozen base weights are not copied
     assert main(["sft", "--config", str(config), "--out", str(tmp_path / "b"), "--resume", str(ckpt)]) == 0
     assert _losses(tmp_path / "b") == {k: v for k, v in _losses(tmp_path / "a").items() if k > 2}
+
+
+def _assert_same_logits_as_transformers(path: Path) -> None:
+    import torch
+
+    import qwenkit
+    from tiny import load_reference
+
+    ours = qwenkit.load_model(path, dtype=torch.float32)
+    ids = torch.randint(0, ours.config.vocab_size, (1, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(load_reference(path)(input_ids=ids).logits, ours(ids), atol=1e-5, rtol=1e-5)
