@@ -2,7 +2,8 @@
 
 Every configuration runs in its own process (clean memory high-water mark, thread count set
 once), after and before a bandwidth / GEMM probe, so ratios compare like with like on a noisy
-machine. `qwenkit bench serve` measures the HTTP server under concurrent clients instead.
+machine. `qwenkit bench serve` measures the HTTP server under concurrent clients instead, and
+`qwenkit bench scaling` decode speed against context length and batch (GQA against MHA).
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:], prog=f"{prog} serve")
+    if argv and argv[0] == "scaling":
+        from .scaling import main as scaling_main
+
+        return scaling_main(argv[1:], prog=f"{prog} scaling")
     args = _parser(prog).parse_args(argv)
     from ..loader import resolve_path
     from .probes import probe

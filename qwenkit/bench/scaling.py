@@ -1,0 +1,119 @@
+"""`qwenkit bench scaling`: decode tokens/s and KV memory against context length and batch size,
+for the model as released (GQA) and the same model run as if every query head had its own KV head.
+
+The MHA twin copies each KV head's projection to the query heads that share it, so it computes
+exactly the same function with n_heads/n_kv times the KV cache: any speed difference is the
+cost of reading the bigger cache. Decode speed at context C depends on how much K/V is read, not
+on its values, so the cache is filled with random K/V up to C instead of prefilling C tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+import torch
+
+
+@torch.no_grad()
+def as_mha(model):
+    """The same model with num_key_value_heads = num_attention_heads (K/V rows repeated per group)."""
+    from ..loader import build_model
+
+    cfg = model.config
+    group = cfg.num_attention_heads // cfg.num_key_value_heads
+    twin = build_model(cfg.replace(num_key_value_heads=cfg.num_attention_heads), model.dtype, model.device)
+    state = model.state_dict()
+    q = cfg.num_attention_heads * cfg.head_dim
+    for name, tensor in state.items():
+        if ".qkv_proj." in name:
+            qpart, k, v = tensor[:q], *tensor[q:].chunk(2, dim=0)
+            expand = lambda t: t.unflatten(0, (cfg.num_key_value_heads, cfg.head_dim)).repeat_interleave(group, 0).flatten(0, 1)
+            tensor = torch.cat([qpart, expand(k), expand(v)])
+        state[name] = tensor
+    twin.load_state_dict(state)
+    twin.eos_token_ids = model.eos_token_ids
+    return twin.eval()
+
+
+@torch.inference_mode()
+def decode_rate(model, context: int, batch: int, steps: int = 16) -> float:
+    """Decode tokens/s for `batch` sequences that each already hold `context` tokens of K/V."""
+    cache = model.new_cache(batch, context + steps + 1)
+    cache.k[:, :, :, :context].normal_()
+    cache.v[:, :, :, :context].normal_()
+    cache.advance(context)
+    tokens = torch.full((batch, 1), 1000, device=model.device)
+    model(tokens, cache=cache)  # warm-up step
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        tokens = model(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+    return batch * steps / (time.perf_counter() - t0)
+
+
+def kv_bytes(model, context: int, batch: int) -> int:
+    cfg = model.config
+    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * cfg.head_dim * model.dtype.itemsize
+
+
+def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, repeats: int) -> list[dict]:
+    rows = []
+    for name, model in models.items():
+        for context, batch in [(c, 1) for c in contexts] + [(contexts[0], b) for b in batches if b != 1]:
+            rate = statistics.median(decode_rate(model, context, batch, steps) for _ in range(repeats))
+            rows.append({"model": name, "context": context, "batch": batch, "decode_tok_s": rate,
+                         "kv_bytes": kv_bytes(model, context, batch)})
+            print(f"{name:4s} context {context:6d} batch {batch:3d}: {rate:8.1f} tok/s, "
+                  f"KV {rows[-1]['kv_bytes'] / 2**20:8.1f} MiB", flush=True)
+    return rows
+
+
+def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
+    from .. import load_model
+    from ..weights.hub import DEFAULT_MODEL
+
+    p = argparse.ArgumentParser(prog=prog, description=__doc__)
+    p.add_argument("--model", default=DEFAULT_MODEL)
+    p.add_argument("--contexts", default="512,2048,8192,32768")
+    p.add_argument("--batches", default="1,4,8,16,32")
+    p.add_argument("--steps", type=int, default=16)
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="runs/bench")
+    args = p.parse_args(argv)
+    gqa = load_model(args.model, device=args.device)
+    models = {"GQA": gqa, "MHA": as_mha(gqa)}
+    rows = sweep(models, [int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
+                 args.steps, args.repeats)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "scaling.json.tmp"), "w") as f:
+        json.dump(rows, f, indent=2)
+    os.replace(os.path.join(args.out, "scaling.json.tmp"), os.path.join(args.out, "scaling.json"))
+    _plot(rows, os.path.join(args.out, "scaling.png"))
+    return 0
+
+
+def _plot(rows: list[dict], path: str) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    fig, (a, b) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for name in sorted({r["model"] for r in rows}):
+        by_ctx = [r for r in rows if r["model"] == name and r["batch"] == 1]
+        a.plot([r["context"] for r in by_ctx], [r["decode_tok_s"] for r in by_ctx], "o-", label=name)
+        base = min(r["context"] for r in rows)
+        by_batch = [r for r in rows if r["model"] == name and r["context"] == base]
+        b.plot([r["batch"] for r in by_batch], [r["decode_tok_s"] for r in by_batch], "o-", label=name)
+    a.set(xscale="log", xlabel="context (tokens)", ylabel="decode tokens/s (batch 1)", title="decode vs context")
+    b.set(xscale="log", xlabel="batch", ylabel="decode tokens/s", title=f"decode vs batch (context {base})")
+    a.legend()
+    b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
