@@ -115,3 +115,33 @@ def test_item_log_resumes_after_a_torn_write(tmp_path):
     assert again.done_ids() == {"a"}
     again.append({"id": "b", "x": 2})
     assert [json.loads(line)["id"] for line in log.path.read_text().splitlines()] == ["a", "b"]
+
+
+def test_summary_and_report_of_logged_samples():
+    from qwenkit.eval.humaneval import report, summarize
+
+    records = [{"id": "HumanEval/0", "base": [True, False, True], "plus": [True, False, False]},
+               {"id": "HumanEval/1", "base": [False, False, False], "plus": [False, False, False]}]
+    summary = summarize("humaneval", records, ks=(1, 2))
+    assert summary["pass@1"] == pytest.approx(100 * (2 / 3) / 2) and summary["plus_pass@1"] == pytest.approx(100 / 6)
+    assert summary["pass@2"] == pytest.approx(100 * (1 - 0 / 3) / 2) and summary["published"]["base"] == 61.6
+    text = report(summary, records, {"model": "m"})
+    assert "| pass@1 | 33.3 | 16.7 |" in text and "Failed on base tests (1): HumanEval/1" in text
+
+
+@pytest.mark.slow
+def test_cli_humaneval_on_two_problems_with_the_default_model(default_model_path, tmp_path):
+    """The published-number harness end to end (same prompt, engine, sandbox), on two tasks;
+    run it again to check that a finished run resumes without generating anything."""
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "qwenkit.cli", "eval", "humaneval", "--model", str(default_model_path),
+           "--data", str(DATA / "humanevalplus-tiny.jsonl"), "--out", str(tmp_path / "he"), "--max-tokens", "384"]
+    for _ in range(2):
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = json.loads((tmp_path / "he" / "summary.json").read_text())
+    assert summary["tasks"] == 2 and 0 <= summary["pass@1"] <= 100
+    assert len((tmp_path / "he" / "items.jsonl").read_text().splitlines()) == 2
+    assert (tmp_path / "he" / "report.md").read_text().startswith("# HumanEval results")

@@ -74,7 +74,7 @@ def summarize(benchmark: str, records: list[dict], ks: tuple[int, ...] = (1, 10,
 
 def report(summary: dict, records: list[dict], settings: dict) -> str:
     name = {"humaneval": "HumanEval", "mbpp": "MBPP"}.get(summary["benchmark"], summary["benchmark"])
-    rows = [{"metric": k, f"{name}": v, f"{name}+": summary.get("plus_" + k)}
+    rows = [{"metric": k, name: summary[k], f"{name}+": summary.get("plus_" + k)}
             for k in summary if k.startswith("pass@")]
     published = summary.get("published")
     text = [f"# {name} results", "", f"Tasks: {summary['tasks']}, samples per task: {summary['samples_per_task']}.",
