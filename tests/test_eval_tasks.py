@@ -95,3 +95,18 @@ def test_chunked_prefill_greedy_equals_one_pass(tiny, monkeypatch):
     monkeypatch.setattr(needle, "CHUNK", 1000)
     whole, _, _ = needle.answer(tiny, ids, max_new_tokens=8)
     assert chunked == whole and kv == 2 * 2 * 2 * 48 * 8 * 4  # k+v, layers, kv heads, tokens, head_dim, fp32
+
+
+def test_streamed_completions_equal_batched_generate(tiny):
+    from qwenkit.engine.llm import LLM
+    from qwenkit.engine.sampling_params import SamplingParams
+    from qwenkit.eval.runner import stream_completions
+
+    llm = LLM(tiny, num_blocks=64, max_num_seqs=2)
+    prompts = [[5, 6, 7], [9, 10], [11, 12, 13, 14], [3]]
+    params = [SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True) for m in (3, 6, 2, 5)]
+    expected = [c.token_ids for c in llm.generate(prompts, params)]
+    seen = {}
+    for i, _ in stream_completions(llm, prompts, params):
+        seen[i] = True
+    assert sorted(seen) == [0, 1, 2, 3] and [len(t) for t in expected] == [3, 6, 2, 5]

@@ -73,7 +73,7 @@ def items(rows, tokenizer, limit: int | None, thinking: bool) -> list[Item]:
 def run(args, out_dir: Path) -> dict:
     from ..engine.sampling_params import SamplingParams
     from .data import read_jsonl, resolve
-    from .runner import build_llm, finish
+    from .runner import build_llm, finish, stream_completions
     from .store import ItemLog
 
     data_file = resolve("gsm8k", args.data, args.source)
@@ -82,12 +82,13 @@ def run(args, out_dir: Path) -> dict:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 
     def generate(chunk):
-        return [[o.text] for o in llm.generate([item.prompt for item in chunk], params)]
+        for i, text in stream_completions(llm, [item.prompt for item in chunk], [params] * len(chunk)):
+            yield i, [text]
 
     def score(item, samples, slot):
         return {"gold": item.payload, "answer": extract_answer(samples[0]), "correct": is_correct(samples[0], item.payload)}
 
-    records = run_items(work, ItemLog(out_dir / "items.jsonl"), generate, score, batch=args.batch, desc="gsm8k")
+    records = run_items(work, ItemLog(out_dir / "items.jsonl"), generate, score, desc="gsm8k")
     accuracy = 100.0 * sum(r["correct"] for r in records) / max(1, len(records))
     summary = {"benchmark": "gsm8k", "problems": len(records), "accuracy": accuracy,
                "settings": {"model": args.model, "data": data_file.name, "thinking": args.thinking,

@@ -28,16 +28,22 @@ def items(data_file: Path, tokenizer, limit: int | None = None, ids: list[str] |
 
 
 def make_generate(llm, n: int, temperature: float, max_tokens: int, seed: int = 0):
-    """Batch generation: n samples per item (n=1 and temperature 0: greedy)."""
+    """Generation for run_items: n samples per item (n=1 and temperature 0: greedy), all items
+    queued at once; an item is yielded when its n samples are done."""
     from ..engine.sampling_params import SamplingParams
+    from .runner import stream_completions
 
-    def generate(chunk: list[Item]) -> list[list[str]]:
+    def generate(chunk: list[Item]):
         prompts = [item.prompt for item in chunk for _ in range(n)]
         params = [SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=0.95 if temperature else 1.0,
                                  seed=seed + i if temperature else None, stop=("```",))
                   for _ in chunk for i in range(n)]
-        outs = llm.generate(prompts, params)
-        return [[o.text for o in outs[j * n:(j + 1) * n]] for j in range(len(chunk))]
+        samples: dict[int, dict[int, str]] = {}
+        for k, text in stream_completions(llm, prompts, params):
+            got = samples.setdefault(k // n, {})
+            got[k % n] = text
+            if len(got) == n:
+                yield k // n, [got[i] for i in range(n)]
     return generate
 
 
@@ -99,8 +105,7 @@ def run(args, out_dir: Path) -> dict:
     temperature = args.temperature if args.n > 1 else 0.0
     log = ItemLog(out_dir / "items.jsonl")
     records = run_items(work, log, make_generate(llm, args.n, temperature, args.max_tokens, args.seed),
-                        make_score(out_dir.parent / "reference-cache"), batch=max(1, args.batch // args.n),
-                        desc=args.task)
+                        make_score(out_dir.parent / "reference-cache"), desc=args.task)
     summary = summarize(args.task, records)
     settings = {"model": args.model, "dtype": args.dtype, "data": data_file.name, "n": args.n,
                 "temperature": temperature, "max_tokens": args.max_tokens}

@@ -3,11 +3,13 @@ each completion, log it (append-only, so a killed run resumes), then write the s
 
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 from .store import ItemLog, write_atomic, write_json
 
@@ -34,27 +36,53 @@ def build_llm(model_path: str, dtype: str = "float32", device: str = "cpu", max_
     return llm, tokenizer
 
 
-def run_items(items: list[Item], log: ItemLog, generate: Callable[[list[Item]], list[list[str]]],
-              score: Callable[[Item, list[str], int], dict], batch: int = 32, workers: int = 2,
-              desc: str = "eval") -> list[dict]:
+def stream_completions(llm, prompts: list, params: list) -> Iterator[tuple[int, str]]:
+    """(index, text) of each prompt as soon as it finishes: all requests go to the engine at once,
+    so continuous batching keeps `max_num_seqs` running instead of waiting for a batch's slowest."""
+    engine, index, texts = llm.engine, {}, [""] * len(prompts)
+    for i, (prompt, p) in enumerate(zip(prompts, params)):
+        ids = llm.encode(prompt)
+        engine.validate(ids, p)
+        index[engine.add_request(ids, p)] = i
+    while engine.has_unfinished():
+        for out in engine.step():
+            i = index[out.request_id]
+            texts[i] += out.text
+            if out.finished:
+                yield i, texts[i]
+
+
+def run_items(items: list[Item], log: ItemLog, generate: Callable[[list[Item]], Iterator[tuple[int, list[str]]]],
+              score: Callable[[Item, list[str], int], dict], workers: int = 2, desc: str = "eval") -> list[dict]:
     """Generate and score the items not yet in `log`; returns every record (old and new).
-    `generate` maps a batch of items to their completions (one list of samples per item);
-    `score(item, samples, slot)` runs in `workers` threads, each with its own sandbox slot."""
+    `generate(items)` yields (index into items, samples) as each item's samples are done;
+    `score(item, samples, slot)` runs in `workers` threads, each with its own sandbox slot, and
+    each scored item is appended to the log at once (a killed run loses only unfinished items)."""
     from tqdm import tqdm
 
     done = log.done_ids()
     pending = [item for item in items if item.id not in done]
     bar = tqdm(total=len(items), initial=len(items) - len(pending), desc=desc, unit="item")
+    lock, started = threading.Lock(), time.monotonic()
+    slots = queue.Queue()
+    for slot in range(workers):
+        slots.put(slot)
+
+    def finish_item(item: Item, samples: list[str]) -> None:
+        slot = slots.get()
+        try:
+            result = score(item, samples, slot)
+        finally:
+            slots.put(slot)
+        with lock:
+            log.append({"id": item.id, "samples": samples, **result,
+                        "elapsed_s": round(time.monotonic() - started, 1)})
+            bar.update(1)
+
     with ThreadPoolExecutor(workers) as pool:
-        for start in range(0, len(pending), batch):
-            chunk = pending[start:start + batch]
-            t0 = time.monotonic()
-            samples = generate(chunk)
-            seconds = (time.monotonic() - t0) / len(chunk)
-            slots = [i % workers for i in range(len(chunk))]
-            for item, outs, result in zip(chunk, samples, pool.map(score, chunk, samples, slots)):
-                log.append({"id": item.id, "samples": outs, **result, "gen_seconds": round(seconds, 2)})
-                bar.update(1)
+        futures = [pool.submit(finish_item, pending[i], samples) for i, samples in generate(pending)]
+        for f in futures:
+            f.result()
     bar.close()
     order = {item.id: i for i, item in enumerate(items)}
     return sorted((r for r in log.records if r["id"] in order), key=lambda r: order[r["id"]])
