@@ -19,8 +19,8 @@ def parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("task", choices=TASKS)
     p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"checkpoint or model id (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                   help="float32 by default: CPUs without bf16 units run it fastest")
+    p.add_argument("--dtype", default="bfloat16", choices=["float32", "bfloat16", "float16"],
+                   help="bfloat16 (default) or float32 (faster on CPUs without bf16 instructions)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<task>)")
     p.add_argument("--data", help="data file (.jsonl/.jsonl.gz; a text file for perplexity)")

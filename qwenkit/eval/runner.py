@@ -21,7 +21,7 @@ class Item:
     payload: object = None  # what the scorer needs (the task)
 
 
-def build_llm(model_path: str, dtype: str = "float32", device: str = "cpu", max_num_seqs: int = 32,
+def build_llm(model_path: str, dtype: str = "bfloat16", device: str = "cpu", max_num_seqs: int = 32,
               kv_cache_memory: int = 2 << 30):
     """(LLM, tokenizer): the batching engine with a fixed KV budget (a share of free memory would
     grow with the machine, not the benchmark)."""
