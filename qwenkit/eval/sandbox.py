@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 
 CLONE_NEWUSER, CLONE_NEWNET = 0x10000000, 0x40000000
 UID_BASE = 60000
+# Opened here, not in the forked child: dlopen there could wait on a lock another thread held at fork.
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 # Runs in the child before the program: the socket refusal hook (audit events cannot be removed).
 _BOOT = """\
@@ -130,9 +132,7 @@ def _enter(limits: Limits, uid: int | None) -> None:
 
 def _isolate_network(as_root: bool) -> None:
     """A private network namespace; silently skipped where the kernel refuses (the audit hook remains)."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    flags = CLONE_NEWNET if as_root else CLONE_NEWUSER | CLONE_NEWNET
-    libc.unshare(flags)
+    _LIBC.unshare(CLONE_NEWNET if as_root else CLONE_NEWUSER | CLONE_NEWNET)
 
 
 def _interpreter(uid: int | None) -> str:
