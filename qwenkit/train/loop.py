@@ -168,6 +168,8 @@ class Trainer:
         main = self.dist.is_main
         log = MetricsLog(self.out / "metrics.jsonl", start) if main else None
         run = self.cfg.run
+        if start is None and run.eval_every:  # the baseline every later evaluation compares to
+            self._log_eval(log)
         bar = _progress(run.max_steps, self.step, main)
         t0, tokens0, last = time.perf_counter(), 0, {}
         while self.step < run.max_steps:
@@ -186,14 +188,17 @@ class Trainer:
             plot_losses(self.out / "metrics.jsonl", self.out / "loss.png", f"qwenkit {self.cfg.objective}")
         return last
 
+    def _log_eval(self, log) -> dict:
+        result = self.evaluate()
+        if result and log is not None:
+            log.write({"step": self.step, **result})
+            self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
+        return result
+
     def _periodic(self, log, row: dict) -> None:
         run, final = self.cfg.run, self.step == self.cfg.run.max_steps
         if final or (run.eval_every and self.step % run.eval_every == 0):
-            result = self.evaluate()
-            if result and log is not None:
-                log.write({"step": self.step, **result})
-                self.log(f"step {self.step}: " + ", ".join(f"{k} {v:.4f}" for k, v in result.items()))
-            row.update(result)
+            row.update(self._log_eval(log))
         if final or (run.checkpoint_every and self.step % run.checkpoint_every == 0):
             self.save()
 

@@ -40,7 +40,7 @@ def json_extract_row(rng: random.Random) -> dict:
 
 
 def arithmetic_row(rng: random.Random) -> dict:
-    a, b, c = rng.randint(11, 99), rng.randint(2, 9), rng.randint(10, 99)
+    a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(10, 99)
     prompt = f"What is {a} * {b} + {c}? Give the final answer as <answer>NUMBER</answer>."
     return {"prompt": prompt, "answer": a * b + c}
 
