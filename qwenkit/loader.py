@@ -28,8 +28,11 @@ def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCa
 
 
 def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, device="cpu",
-               progress: bool = False) -> QwenForCausalLM:
-    """Load a Qwen model from an HF-format directory, a .gguf file, or a model id."""
+               progress: bool = False, adapter: str | Path | None = None) -> QwenForCausalLM:
+    """Load a Qwen model from an HF-format directory, a .gguf file, or a model id.
+
+    `adapter`: a LoRA adapter directory in PEFT's layout, merged into the weights.
+    """
     from .weights import open_checkpoint
 
     ckpt = open_checkpoint(resolve_path(path_or_id))
@@ -48,6 +51,10 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
     load_tensors(model, tensors, ckpt.source)
     model.source = ckpt.source
+    if adapter is not None:
+        from .train.lora import apply_adapter
+
+        apply_adapter(model, adapter, merge=True)
     return model.eval()
 
 

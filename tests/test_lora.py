@@ -92,6 +92,9 @@ def test_save_and_apply_adapter_round_trip(ckpt, tmp_path):
     assert not any("k_proj" in k or "qkv" in k for k in keys)
     merged = apply_adapter(_model(ckpt), tmp_path / "adapter")
     torch.testing.assert_close(merged(ids), expected, atol=1e-5, rtol=1e-5)
+    loaded = qwenkit.load_model(ckpt, dtype=torch.float32, adapter=tmp_path / "adapter")
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids), expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(CheckpointError, match="not a LoRA adapter"):
         apply_adapter(_model(ckpt), tmp_path)
 
