@@ -1,6 +1,6 @@
 """Measure three architecture claims on tiny byte-level models trained on the same data and budget.
 
-    .venv/bin/python scripts/eval_claims.py [--steps 150] [--out runs/claims] [--img docs/img]
+    .venv/bin/python scripts/eval_claims.py [--steps 200] [--out runs/claims] [--img docs/img]
 
 (a) attention: MHA (8 kv heads) vs GQA (2) vs MQA (1): validation loss, KV bytes per token, decode
     tokens/s at a long context; (b) MLP at equal parameters: gated SiLU (SwiGLU), gated GELU (GeGLU),
@@ -25,7 +25,7 @@ from qwenkit import QwenConfig, build_model
 from qwenkit.analysis import kv_cache_bytes_per_token
 from qwenkit.eval.perplexity import with_rope
 
-SEQ, BATCH, VAL_WINDOWS = 128, 8, 48
+SEQ, BATCH, VAL_WINDOWS = 128, 16, 48
 BASE = dict(model_type="qwen2", vocab_size=256, hidden_size=128, intermediate_size=344, num_hidden_layers=4,
             num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=SEQ, rope_theta=10000.0,
             tie_word_embeddings=True)
@@ -179,7 +179,7 @@ def tables(results: dict) -> str:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--steps", type=int, default=200)
     p.add_argument("--out", type=Path, default=Path("runs/claims"))
     p.add_argument("--img", type=Path, default=Path("docs/img"))
     args = p.parse_args()
