@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
           "fp16": "float16", "float16": "float16"}
 
 
@@ -14,7 +14,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"HF directory, .gguf file or model id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="bf16", choices=sorted(DTYPES), help="weight dtype (default bf16)")
+    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+                        help="weight dtype (default auto: bf16 where the hardware has it natively, else fp32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
 
 
@@ -32,7 +33,9 @@ def load(args):
 
     from .. import load_model, load_tokenizer
 
-    dtype = getattr(torch, DTYPES[args.dtype])
+    from ..loader import auto_dtype
+
+    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
     model = load_model(args.model, dtype=dtype, device=args.device, progress=sys.stderr.isatty())
     return model, load_tokenizer(model.source)
 

@@ -153,7 +153,8 @@ def parser(prog: str):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (also $QWENKIT_API_KEY)")
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="default auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
@@ -190,8 +191,14 @@ def load(args):
     if args.tensor_parallel_size > 1:
         from ..engine.tensor_parallel import load_sharded_model
 
-        return load_sharded_model(args.model, getattr(torch, args.dtype), device, args.tensor_parallel_size), tokenizer
-    return load_model(args.model, getattr(torch, args.dtype), device), tokenizer
+        return load_sharded_model(args.model, _dtype(args.dtype, device), device, args.tensor_parallel_size), tokenizer
+    return load_model(args.model, _dtype(args.dtype, device), device), tokenizer
+
+
+def _dtype(name: str, device) -> torch.dtype:
+    from ..loader import auto_dtype
+
+    return auto_dtype(device) if name == "auto" else getattr(torch, name)
 
 
 def main(argv: list[str], prog: str = "qwenkit serve") -> int:
