@@ -195,7 +195,9 @@ def load(args):
     return load_model(args.model, _dtype(args.dtype, device), device), tokenizer
 
 
-def _dtype(name: str, device) -> torch.dtype:
+def _dtype(name: str, device):
+    import torch
+
     from ..loader import auto_dtype
 
     return auto_dtype(device) if name == "auto" else getattr(torch, name)
