@@ -29,6 +29,19 @@ def auto_dtype(device="cpu") -> torch.dtype:
     return torch.bfloat16 if native else torch.float32
 
 
+DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
+               "fp16": "float16", "float16": "float16"}
+
+
+def resolve_dtype(name: str, device="cpu") -> torch.dtype:
+    """A dtype from a command-line name: "auto" (see `auto_dtype`), bf16/bfloat16, fp32/float32, fp16/float16."""
+    if name == "auto":
+        return auto_dtype(device)
+    if name not in DTYPE_NAMES:
+        raise ValueError(f"dtype {name!r} is not auto or one of {', '.join(DTYPE_NAMES)}")
+    return getattr(torch, DTYPE_NAMES[name])
+
+
 def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCausalLM:
     """An uninitialised model with storage allocated (call `init_weights` or load a checkpoint)."""
     with torch.device("meta"):

@@ -36,9 +36,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: str, port: int, kv_memory: str) -> subprocess.Popen:
+def _start_server(model: str, port: int, kv_memory: str, dtype: str) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwenkit.cli", "serve", "--model", model, "--port", str(port),
-           "--kv-cache-memory", kv_memory, "--log-level", "warning"]
+           "--kv-cache-memory", kv_memory, "--dtype", dtype, "--log-level", "warning"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
 
@@ -94,14 +94,14 @@ async def _level(port: int, clients: int, requests: int, max_tokens: int) -> dic
             "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": ttfts[max(0, math.ceil(0.9 * len(ttfts)) - 1)]}
 
 
-def _transformers_baseline(path: str, requests: int, max_tokens: int) -> dict:
+def _transformers_baseline(path: str, requests: int, max_tokens: int, dtype: str) -> dict:
     code = f"""
 import json, time, torch, transformers
 from pathlib import Path
 p = Path({path!r}); kw = {{"gguf_file": p.name}} if p.suffix == ".gguf" else {{}}
 root = p.parent if p.suffix == ".gguf" else p
 tok = transformers.AutoTokenizer.from_pretrained(root, **kw)
-model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.bfloat16, **kw).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.{dtype}, **kw).eval()
 qs = {QUESTIONS!r}; n = 0; t0 = time.perf_counter()
 for i in range({requests}):
     ids = tok.apply_chat_template([{{"role": "user", "content": qs[i % len(qs)]}}], add_generation_prompt=True, return_tensors="pt")
@@ -118,7 +118,7 @@ print("RESULT", json.dumps({{"output_tok_s": n / (time.perf_counter() - t0), "re
 
 
 def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
-    from ..loader import resolve_path
+    from ..loader import resolve_dtype, resolve_path
     from ..weights.hub import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
@@ -127,18 +127,22 @@ def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-memory", default="2GiB")
     p.add_argument("--baseline-requests", type=int, default=4, help="transformers requests (one by one)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
+                   help="for both sides; auto = bf16 where the hardware multiplies it natively, else fp32")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     path = str(resolve_path(args.model))
+    dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     port = _free_port()
-    server = _start_server(path, port, args.kv_cache_memory)
+    server = _start_server(path, port, args.kv_cache_memory, dtype)
     try:
         levels = [asyncio.run(_level(port, c, max(c, 2 * c), args.max_tokens)) for c in map(int, args.levels.split(","))]
     finally:
         server.terminate()
         server.wait(timeout=60)
-    baseline = _transformers_baseline(path, args.baseline_requests, args.max_tokens)
-    result = {"model": args.model, "max_tokens": args.max_tokens, "qwenkit": levels, "transformers_sequential": baseline}
+    baseline = _transformers_baseline(path, args.baseline_requests, args.max_tokens, dtype)
+    result = {"model": args.model, "dtype": dtype, "max_tokens": args.max_tokens, "qwenkit": levels,
+              "transformers_sequential": baseline}
     _print(result)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_serve.json.tmp"), "w") as f:
@@ -154,4 +158,4 @@ def _print(result: dict) -> None:
     for r in result["qwenkit"]:
         ratio = f"{r['output_tok_s'] / base:.2f}x" if base else "-"
         print(f"| {r['clients']} | {r['output_tok_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p90_s']:.2f} | {ratio} |")
-    print(f"transformers bf16, requests one by one: {result['transformers_sequential']}")
+    print(f"transformers {result['dtype']}, requests one by one: {result['transformers_sequential']}")

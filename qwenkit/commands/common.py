@@ -5,16 +5,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-DTYPES = {"auto": "auto", "bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
-          "fp16": "float16", "float16": "float16"}
-
-
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     from ..weights.hub import DEFAULT_MODEL
 
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"HF directory, .gguf file or model id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="auto", choices=sorted(DTYPES),
+    from ..loader import DTYPE_NAMES
+
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
                         help="weight dtype (default auto: bf16 where the hardware has it natively, else fp32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
 
@@ -29,14 +27,10 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
 
 def load(args):
     """(model, tokenizer) for parsed args, with a progress bar on the terminal."""
-    import torch
-
     from .. import load_model, load_tokenizer
+    from ..loader import resolve_dtype
 
-    from ..loader import auto_dtype
-
-    dtype = auto_dtype(args.device) if args.dtype == "auto" else getattr(torch, DTYPES[args.dtype])
-    model = load_model(args.model, dtype=dtype, device=args.device, progress=sys.stderr.isatty())
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device, progress=sys.stderr.isatty())
     return model, load_tokenizer(model.source)
 
 

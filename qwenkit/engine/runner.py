@@ -68,7 +68,7 @@ class ModelRunner:
 
     def prepare(self, chunks: list[Chunk]):
         dev, bs = self.device, self.block_size
-        B, T = len(chunks), max(c.num_tokens for c in chunks)
+        T = max(c.num_tokens for c in chunks)
         n = torch.tensor([c.num_tokens for c in chunks], device=dev)  # (B,)
         start = torch.tensor([c.start for c in chunks], device=dev)  # (B,)
         S = int((start + n).max())

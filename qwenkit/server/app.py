@@ -183,24 +183,18 @@ def load(args):
     import torch
 
     from .. import load_model, load_tokenizer
+    from ..loader import resolve_dtype
 
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = resolve_dtype(args.dtype, device)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.tensor_parallel_size > 1:
         from ..engine.tensor_parallel import load_sharded_model
 
-        return load_sharded_model(args.model, _dtype(args.dtype, device), device, args.tensor_parallel_size), tokenizer
-    return load_model(args.model, _dtype(args.dtype, device), device), tokenizer
-
-
-def _dtype(name: str, device):
-    import torch
-
-    from ..loader import auto_dtype
-
-    return auto_dtype(device) if name == "auto" else getattr(torch, name)
+        return load_sharded_model(args.model, dtype, device, args.tensor_parallel_size), tokenizer
+    return load_model(args.model, dtype, device), tokenizer
 
 
 def main(argv: list[str], prog: str = "qwenkit serve") -> int:
