@@ -137,3 +137,28 @@ def test_kv_budget_sets_block_count(model):
     per_block = 2 * 2 * 16 * 2 * 16 * 4  # k+v, layers, slots, kv heads, head dim, fp32
     engine = Engine(model, EngineSettings(kv_cache_memory=10 * per_block, max_num_seqs=1000))
     assert engine.blocks.num_blocks == 10 and engine.num_context_tokens == 160
+
+
+def test_full_kv_budget_makes_the_next_request_wait_without_allocating(model):
+    """Fill the budget exactly: the next request waits (not admitted, nothing allocated), runs once
+    blocks return, and still equals generate alone; a request bigger than the whole budget is refused."""
+    model.eos_token_ids = []
+    per_block = 2 * 2 * 16 * 2 * 16 * 4
+    engine = Engine(model, EngineSettings(kv_cache_memory=10 * per_block, max_num_seqs=8))
+    cache_bytes = sum(t.nbytes for t in (engine.runner.cache.k, engine.runner.cache.v))
+    assert cache_bytes == 10 * per_block
+    first, second = list(range(1, 150)), list(range(7, 40))  # first needs all 10 blocks by its end
+    params = SamplingParams(temperature=0, max_tokens=10)
+    out = {engine.add_request(first, params, "first"): [], engine.add_request(second, params, "second"): []}
+    waited = False
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+        if not engine.blocks.num_free_blocks:
+            waited |= [s.request_id for s in engine.scheduler.waiting] == ["second"]
+        assert sum(t.nbytes for t in (engine.runner.cache.k, engine.runner.cache.v)) == cache_bytes
+    assert waited and engine.blocks.num_free_blocks == 10
+    for rid, prompt in (("first", first), ("second", second)):
+        assert out[rid] == qwenkit.generate(model, prompt, max_new_tokens=10)
+    with pytest.raises(RequestError, match="KV cache"):
+        engine.add_request(list(range(1, 150)), SamplingParams(max_tokens=20))
