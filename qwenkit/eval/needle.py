@@ -115,10 +115,12 @@ def run(args, out_dir: Path) -> dict:
     return summary
 
 
-def _cell(model, tokenizer, n: int, depth: float, seed: int) -> dict:
-    document, secret = haystack(tokenizer, n, depth, seed + n + int(depth * 100))
+def _cell(model, tokenizer, n: int, depth: float, seed: int, max_new_tokens: int = 16) -> dict:
+    """One grid cell: the whole prompt (document, chat template, question) plus the reply fits in n tokens."""
+    overhead = len(prompt_ids(tokenizer, "")) + max_new_tokens
+    document, secret = haystack(tokenizer, n - overhead, depth, seed + n + int(depth * 100))
     ids = prompt_ids(tokenizer, document)
-    out, prefill, kv = answer(model, ids)
+    out, prefill, kv = answer(model, ids, max_new_tokens)
     reply = tokenizer.decode(out, skip_special_tokens=True)
     return {"id": f"{n}@{depth}", "length": n, "depth": depth, "tokens": len(ids), "secret": secret,
             "reply": reply.strip(), "correct": secret in reply, "prefill_s": round(prefill, 1),
