@@ -106,7 +106,7 @@ def run(args, out_dir: Path) -> dict:
         for d in depths:
             if f"{n}@{d}" not in log.done_ids():
                 log.append(_cell(model, tokenizer, n, d, args.seed))
-    grid = [r for r in log.records if r["length"] in lengths and r["depth"] in depths]
+    grid = sorted(log.records, key=lambda r: (r["length"], r["depth"]))  # earlier runs into this dir too
     heatmap(grid, out_dir / "needle.png", f"needle in a haystack: {Path(str(args.model)).name}")
     summary = {"benchmark": "needle", "accuracy": 100.0 * sum(r["correct"] for r in grid) / max(1, len(grid)),
                "grid": grid, "settings": {"model": args.model, "dtype": args.dtype, "yarn_factor": args.yarn_factor}}
