@@ -117,3 +117,27 @@ def test_grpo_engine_rollouts_match_generate_when_greedy(tmp_path):
         grpo = GRPO(GRPOSection(max_new_tokens=8, temperature=0.0, rollout=mode), tok, lambda t, r: 0.0)
         outs[mode] = grpo.sample(model.eval(), prompts)
     assert outs["engine"] == outs["generate"] and all(outs["engine"])
+
+
+def test_score_prints_replies_and_the_mean_reward(tmp_path, capsys):
+    """`qwenkit train score --show N`: the greedy replies it prints are those of generate, each with
+    its reward; the last line is the mean over all rows."""
+    from qwenkit import build_model, generate, load_tokenizer
+    from qwenkit.config import QwenConfig
+    from qwenkit.train.export import export_hf
+    from qwenkit.train.tasks import REWARDS, make_rows, prompt_messages
+
+    tok_dir = make_tokenizer(tmp_path / "tok")
+    tok = load_tokenizer(tok_dir)
+    model = build_model(QwenConfig.from_dict({**TINY_MODEL, "vocab_size": tok.vocab_size})).init_weights(0.2, seed=3)
+    export_hf(model, tmp_path / "m", tok_dir)
+    assert main(["score", "--model", str(tmp_path / "m"), "--data", "task:arithmetic:5:1", "--reward",
+                 "arithmetic", "--max-new-tokens", "6", "--show", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 3 and lines[-1]["rows"] == 5 and 0.0 <= lines[-1]["mean_reward"] <= 1.0
+    rows = make_rows("arithmetic", 5, 1)
+    for row, shown in zip(rows, lines[:2]):
+        ids = tok.apply_chat_template(prompt_messages(row), add_generation_prompt=True, tokenize=True)
+        reply = tok.decode(generate(model.eval(), ids, 6), skip_special_tokens=True)
+        assert shown["prompt"] == prompt_messages(row)[-1]["content"] and shown["reply"] == reply
+        assert shown["reward"] == REWARDS["arithmetic"](reply, row)

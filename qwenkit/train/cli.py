@@ -153,7 +153,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
 
     from .. import load_model, load_tokenizer
     from .data import read_rows
-    from .grpo import mean_reward
+    from .grpo import greedy_answers
     from .lora import apply_adapter
     from .tasks import REWARDS, prompt_messages
 
@@ -164,6 +164,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
     p.add_argument("--reward", required=True, choices=sorted(REWARDS))
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--show", type=int, default=0, help="print the first N prompts' replies and rewards")
     args = p.parse_args(argv)
     model = load_model(args.model, dtype=torch.float32)
     if args.adapter:
@@ -172,8 +173,13 @@ def score_cmd(argv: list[str], prog: str) -> int:
     rows, report = read_rows(args.data, lambda r: None, max_rows=args.limit)
     prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True) for r in rows]
     t0 = time.perf_counter()
-    score = mean_reward(model, tok, prompts, rows, REWARDS[args.reward], args.max_new_tokens)
-    print(json.dumps({"mean_reward": round(score, 4), "rows": len(rows), "seconds": round(time.perf_counter() - t0, 1)}))
+    answers = greedy_answers(model, tok, prompts, args.max_new_tokens)
+    rewards = [REWARDS[args.reward](a, row) for a, row in zip(answers, rows)]
+    for row, answer, reward in list(zip(rows, answers, rewards))[:args.show]:
+        print(json.dumps({"prompt": prompt_messages(row)[-1]["content"], "reply": answer, "reward": reward},
+                         ensure_ascii=False))
+    print(json.dumps({"mean_reward": round(sum(rewards) / max(1, len(rows)), 4), "rows": len(rows),
+                      "seconds": round(time.perf_counter() - t0, 1)}))
     return 0
 
 

@@ -117,18 +117,25 @@ class _ReferenceView(torch.nn.Module):
 
 
 @torch.no_grad()
-def mean_reward(model, tokenizer, prompts: list[list[int]], rows: list[dict], reward_fn,
-                max_new_tokens: int) -> float:
-    """Greedy-decode every prompt (batched in qwenkit's engine) and average the rewards."""
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
+    """The greedy reply to every prompt, batched in qwenkit's engine."""
     from ..engine import LLM, EngineSettings, SamplingParams
 
+    if not prompts:
+        return []
     was_training = model.training
     model.eval()
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
                             stop_token_ids=tuple(tokenizer.eos_token_ids))
     blocks = sum(-(-(len(p) + max_new_tokens + 1) // 16) for p in prompts) + 2
-    llm = LLM(model, tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=max(1, len(prompts))))
-    outs = llm.generate(prompts, [params] * len(prompts)) if prompts else []
+    llm = LLM(model, tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=len(prompts)))
+    outs = llm.generate(prompts, [params] * len(prompts))
     model.train(was_training)
-    total = sum(reward_fn(tokenizer.decode(o.token_ids, skip_special_tokens=True), row) for o, row in zip(outs, rows))
-    return total / max(1, len(rows))
+    return [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
+
+
+def mean_reward(model, tokenizer, prompts: list[list[int]], rows: list[dict], reward_fn,
+                max_new_tokens: int) -> float:
+    """The mean reward of the greedy replies."""
+    answers = greedy_answers(model, tokenizer, prompts, max_new_tokens)
+    return sum(reward_fn(a, row) for a, row in zip(answers, rows)) / max(1, len(rows))
