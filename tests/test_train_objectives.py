@@ -141,3 +141,16 @@ def test_score_prints_replies_and_the_mean_reward(tmp_path, capsys):
         reply = tok.decode(generate(model.eval(), ids, 6), skip_special_tokens=True)
         assert shown["prompt"] == prompt_messages(row)[-1]["content"] and shown["reply"] == reply
         assert shown["reward"] == REWARDS["arithmetic"](reply, row)
+
+
+@pytest.mark.parametrize("task,a_max", [("arithmetic", 99), ("arithmetic_small", 9)])
+def test_arithmetic_rows_carry_the_right_answer(task, a_max):
+    import re
+
+    from qwenkit.train.tasks import REWARDS, make_rows
+
+    for row in make_rows(task, 50, 0):
+        a, b, c = map(int, re.match(r"What is (\d+) \* (\d+) \+ (\d+)\?", row["prompt"]).groups())
+        assert a <= a_max and row["answer"] == a * b + c
+        assert REWARDS["arithmetic"](f"so <answer>{a * b + c}</answer>", row) == 1.0
+        assert REWARDS["arithmetic"](f"<answer>{a * b + c + 1}</answer>", row) == 0.2

@@ -4,7 +4,7 @@
                                         [--out DIR] [--resume auto|FILE] [--strict] [--export]
     qwenkit train export --checkpoint FILE --out DIR       a training checkpoint -> HF directory
     qwenkit train tokenizer --corpus corpus:gutenberg,poetry --vocab-size 8192 --out DIR
-    qwenkit train make-data json_extract|arithmetic --n 2000 --out FILE.jsonl [--seed S]
+    qwenkit train make-data json_extract|arithmetic|arithmetic_small --n 2000 --out FILE.jsonl [--seed S]
     qwenkit train score --model ID --data FILE.jsonl --reward NAME [--adapter DIR] [--limit N]
 
 Launch any objective under `torchrun --nproc-per-node N -m qwenkit.train.cli <objective> ...`

@@ -2,7 +2,9 @@
 
 `json_extract` (SFT): pull a person's name, age and city out of a sentence and answer with
 exactly `{"name": ..., "age": ..., "city": ...}` -- a fixed format the base model does not know.
-`arithmetic` (GRPO): `a * b + c`, answered inside <answer></answer>; the checker is exact.
+`arithmetic` (GRPO): `a * b + c` with two-digit a and b, answered inside <answer></answer>; the
+checker is exact. `arithmetic_small`: the same with a one-digit a, which a 0.5B model gets right
+often enough for a group of samples to disagree (GRPO learns only from groups whose rewards differ).
 Rows are JSONL-ready dicts; a reward maps (completion text, row) to a number in [0, 1].
 """
 
@@ -39,13 +41,15 @@ def json_extract_row(rng: random.Random) -> dict:
     return {"messages": messages, "answer": person}
 
 
-def arithmetic_row(rng: random.Random) -> dict:
-    a, b, c = rng.randint(12, 99), rng.randint(12, 99), rng.randint(10, 99)
+def arithmetic_row(rng: random.Random, a_range: tuple[int, int] = (12, 99)) -> dict:
+    a, b, c = rng.randint(*a_range), rng.randint(12, 99), rng.randint(10, 99)
     prompt = f"What is {a} * {b} + {c}? Give the final answer as <answer>NUMBER</answer>."
     return {"prompt": prompt, "answer": a * b + c}
 
 
-TASKS: dict[str, Callable[[random.Random], dict]] = {"json_extract": json_extract_row, "arithmetic": arithmetic_row}
+TASKS: dict[str, Callable[[random.Random], dict]] = {
+    "json_extract": json_extract_row, "arithmetic": arithmetic_row,
+    "arithmetic_small": lambda rng: arithmetic_row(rng, (3, 9))}
 
 
 def make_rows(task: str, n: int, seed: int) -> list[dict]:
