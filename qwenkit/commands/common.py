@@ -6,12 +6,11 @@ import argparse
 import sys
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
+    from ..loader import DTYPE_NAMES
     from ..weights.hub import DEFAULT_MODEL
 
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"HF directory, .gguf file or model id (default: {DEFAULT_MODEL})")
-    from ..loader import DTYPE_NAMES
-
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
                         help="weight dtype (default auto: bf16 where the hardware has it natively, else fp32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
@@ -30,7 +29,8 @@ def load(args):
     from .. import load_model, load_tokenizer
     from ..loader import resolve_dtype
 
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device, progress=sys.stderr.isatty())
+    model = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
+                       progress=sys.stderr.isatty())
     return model, load_tokenizer(model.source)
 
 
