@@ -5,7 +5,7 @@
     qwenkit train export --checkpoint FILE --out DIR       a training checkpoint -> HF directory
     qwenkit train tokenizer --corpus corpus:gutenberg,poetry --vocab-size 8192 --out DIR
     qwenkit train make-data json_extract|arithmetic|arithmetic_small --n 2000 --out FILE.jsonl [--seed S]
-    qwenkit train score --model ID --data FILE.jsonl --reward NAME [--adapter DIR] [--limit N]
+    qwenkit train score --model ID --data FILE.jsonl --reward NAME [--adapter DIR] [--limit N] [--show N]
 
 Launch any objective under `torchrun --nproc-per-node N -m qwenkit.train.cli <objective> ...`
 for DDP (or `--set run.distributed=fsdp` for FSDP2).

@@ -86,13 +86,12 @@ class GRPO:
         if c.rollout == "generate":
             return [generate(policy, p, c.max_new_tokens, c.temperature, c.top_k or None, c.top_p, self.stop_ids, s)
                     for p, s in zip(prompts, seeds)]
-        from ..engine import LLM, EngineSettings, SamplingParams
+        from ..engine import SamplingParams
 
         params = [SamplingParams(max_tokens=c.max_new_tokens, temperature=c.temperature, top_k=c.top_k,
                                  top_p=c.top_p, seed=s, stop_token_ids=tuple(self.stop_ids)) for s in seeds]
         # A fresh engine per rollout: its prefix cache must not outlive the weights it was computed with.
-        blocks = sum(-(-(len(p) + c.max_new_tokens + 1) // 16) for p in prompts) + 2
-        llm = LLM(policy, self.tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=len(prompts)))
+        llm = _engine_for(policy, self.tokenizer, prompts, c.max_new_tokens)
         return [out.token_ids for out in llm.generate(prompts, params)]
 
     @torch.no_grad()
@@ -116,10 +115,18 @@ class _ReferenceView(torch.nn.Module):
             return policy(*args, **kwargs)
 
 
+def _engine_for(model, tokenizer, prompts: list[list[int]], max_new_tokens: int):
+    """An engine with just the KV blocks these prompts need, all of them decoded together."""
+    from ..engine import LLM, EngineSettings
+
+    blocks = sum(-(-(len(p) + max_new_tokens + 1) // 16) for p in prompts) + 2
+    return LLM(model, tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=len(prompts)))
+
+
 @torch.no_grad()
 def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
     """The greedy reply to every prompt, batched in qwenkit's engine."""
-    from ..engine import LLM, EngineSettings, SamplingParams
+    from ..engine import SamplingParams
 
     if not prompts:
         return []
@@ -127,9 +134,7 @@ def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: i
     model.eval()
     params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
                             stop_token_ids=tuple(tokenizer.eos_token_ids))
-    blocks = sum(-(-(len(p) + max_new_tokens + 1) // 16) for p in prompts) + 2
-    llm = LLM(model, tokenizer, EngineSettings(num_blocks=blocks, max_num_seqs=len(prompts)))
-    outs = llm.generate(prompts, [params] * len(prompts))
+    outs = _engine_for(model, tokenizer, prompts, max_new_tokens).generate(prompts, [params] * len(prompts))
     model.train(was_training)
     return [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
 
