@@ -32,3 +32,30 @@ def test_weight_bytes_count_the_tied_head_once_as_a_matrix_read():
     matrices = sum(p.numel() * 4 for n, p in untied.named_parameters() if "embed_tokens" not in n)
     assert weight_bytes_per_token(untied) == matrices
     assert weight_bytes_per_token(tied) == matrices  # the tied head reads the embedding table
+
+
+def test_bench_times_qwenkit_beside_transformers_and_names_every_peer_that_cannot_run(tmp_path):
+    """`qwenkit bench` end to end in a real subprocess on a tiny checkpoint: both runners time
+    every column, decode the same greedy tokens from the same weights, and a peer that cannot run
+    here (llama.cpp needs a .gguf) is kept in the report with its reason."""
+    import json
+    import subprocess
+    import sys
+
+    from tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "ckpt", "qwen2")
+    out = tmp_path / "bench"
+    configs = "qwenkit:float32,qwenkit:float32:int8,transformers:float32,llama.cpp:gguf"
+    proc = subprocess.run([sys.executable, "-m", "qwenkit.cli", "bench", "--model", str(ckpt), "--configs", configs,
+                           "--prompt-len", "24", "--new-tokens", "6", "--batch", "2", "--repeats", "1", "--threads", "1",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "bench.json").read_text())
+    ours, ref = res["configs"]["qwenkit:float32"], res["configs"]["transformers:float32"]
+    for r in (ours, ref, res["configs"]["qwenkit:float32:int8"]):
+        assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b2_tok_s"] > 0 and r["peak_rss_bytes"] > 0
+    assert ours["greedy_tokens"] == ref["greedy_tokens"] and len(ours["greedy_tokens"]) == 7
+    assert ".gguf" in res["configs"]["llama.cpp:gguf"]["error"]
+    assert "qwenkit:float32" in res["bounds"] and res["bounds"]["qwenkit:float32"]["decode_bound_tok_s"] > 0
+    assert "not run" in proc.stdout and "vs transformers:float32" in proc.stdout

@@ -150,7 +150,8 @@ def test_arithmetic_rows_carry_the_right_answer(task, a_max):
     from qwenkit.train.tasks import REWARDS, make_rows
 
     for row in make_rows(task, 50, 0):
-        a, b, c = map(int, re.match(r"What is (\d+) \* (\d+) \+ (\d+)\?", row["prompt"]).groups())
-        assert a <= a_max and row["answer"] == a * b + c
+        a, b, c = re.match(r"What is (\d+) \* (\d+)(?: \+ (\d+))?\?", row["prompt"]).groups()
+        a, b, c = int(a), int(b), int(c or 0)
+        assert a <= a_max and (c > 0) == (task == "arithmetic") and row["answer"] == a * b + c
         assert REWARDS["arithmetic"](f"so <answer>{a * b + c}</answer>", row) == 1.0
         assert REWARDS["arithmetic"](f"<answer>{a * b + c + 1}</answer>", row) == 0.2

@@ -16,7 +16,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIGS = ("qwenkit:bfloat16,qwenkit:bfloat16:int8,qwenkit:bfloat16:int4,qwenkit:float32,"
-                   "transformers:bfloat16,transformers:float32,llama.cpp:gguf,vllm:bfloat16")
+                   "qwenkit:float32:int8,qwenkit:float32:int4,transformers:bfloat16,transformers:float32,"
+                   "llama.cpp:gguf,vllm:bfloat16,vllm:float32")
 
 
 def parse_config(text: str) -> dict:
@@ -59,16 +60,37 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
 
     torch.set_num_threads(args.threads)
     path = str(resolve_path(args.model))
-    results = {"model": args.model, "path_name": Path(path).name, "probe_before": probe(), "configs": {}}
+    vocab_size = _vocab_size(path)
+    results = {"model": args.model, "path_name": Path(path).name, "batch": args.batch,
+               "probe_before": probe(), "configs": {}}
+    slow_bf16 = _slow_bf16(results["probe_before"], args.device)
     for text in args.configs.split(","):
         spec = {**parse_config(text), "path": path, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
-                "batch": args.batch, "repeats": args.repeats, "threads": args.threads, "device": args.device}
+                "batch": args.batch, "repeats": args.repeats, "threads": args.threads, "device": args.device, "vocab_size": vocab_size}
+        if slow_bf16 and spec["dtype"] == "bfloat16" and args.configs == DEFAULT_CONFIGS:
+            results["configs"][text] = {"error": f"skipped: {slow_bf16} (name it in --configs to run it anyway)"}
+            continue
         print(f"[bench] {text} ...", file=sys.stderr, flush=True)
         results["configs"][text] = run_config(spec, args.timeout)
     results["probe_after"] = probe()
     print(render(results))
     save(results, Path(args.out))
     return 0
+
+
+def _vocab_size(path: str) -> int:
+    from ..weights import open_checkpoint
+
+    return int(open_checkpoint(path).config["vocab_size"])
+
+
+def _slow_bf16(probe: dict, device: str) -> str | None:
+    """Why bf16 configs are not worth timing here, or None: a CPU without native bf16 matmul
+    (no AVX512-BF16 / AMX) runs bf16 GEMM tens of times slower than fp32."""
+    if device != "cpu" or probe["bf16_gemm_GFLOPs"] >= 0.25 * probe["fp32_gemm_GFLOPs"]:
+        return None
+    return (f"this CPU has no native bf16 matmul ({probe['bf16_gemm_GFLOPs']:.0f} GFLOP/s bf16 against "
+            f"{probe['fp32_gemm_GFLOPs']:.0f} fp32)")
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:

@@ -6,17 +6,20 @@ import json
 import os
 from pathlib import Path
 
-COLUMNS = [("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1"),
-           ("decode_b8_tok_s", "decode b8"), ("peak_rss_bytes", "peak RSS GB")]
+def columns(batch: int) -> list[tuple[str, str]]:
+    return [("prefill_tok_s", "prefill tok/s"), ("ttft_s", "TTFT s"), ("decode_b1_tok_s", "decode b1"),
+            (f"decode_b{batch}_tok_s", f"decode b{batch}"), ("peak_rss_bytes", "peak RSS GB")]
 
 
 def bounds(results: dict) -> dict:
     """Per qwenkit config: decode bound (bandwidth / bytes per token), prefill bound (GEMM / FLOPs)."""
     bw = min(results["probe_before"]["read_GBps"], results["probe_after"]["read_GBps"]) * 1e9
-    gemm = max(results["probe_before"]["bf16_gemm_GFLOPs"], results["probe_after"]["bf16_gemm_GFLOPs"]) * 1e9
     out = {}
     for name, r in results["configs"].items():
         if "weight_bytes_per_token" in r:
+            # prefill is held to the GEMM peak of the dtype it computes in (int8/int4 compute in it too)
+            key = "fp32_gemm_GFLOPs" if name.split(":")[1] == "float32" else "bf16_gemm_GFLOPs"
+            gemm = max(results["probe_before"][key], results["probe_after"][key]) * 1e9
             out[name] = {"decode_bound_tok_s": bw / r["weight_bytes_per_token"],
                          "prefill_bound_tok_s": gemm / r["prefill_flops_per_token"]}
     return out
@@ -31,11 +34,12 @@ def _cell(key: str, value) -> str:
 
 
 def render(results: dict) -> str:
+    cols = columns(results.get("batch", 8))
     lines = [f"model: {results['model']}",
-             "probe before: {read_GBps:.1f} GB/s read, {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16 GEMM, {threads} threads".format(**results["probe_before"]),
-             "probe after:  {read_GBps:.1f} GB/s read, {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16 GEMM".format(**results["probe_after"]),
-             "", "| config | " + " | ".join(h for _, h in COLUMNS) + " | decode b1 / bound | prefill / bound |",
-             "|---" * (len(COLUMNS) + 3) + "|"]
+             "probe before: {read_GBps:.1f} GB/s read, GEMM {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16, {fp32_gemm_GFLOPs:.0f} fp32, {threads} threads".format(**results["probe_before"]),
+             "probe after:  {read_GBps:.1f} GB/s read, GEMM {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16, {fp32_gemm_GFLOPs:.0f} fp32".format(**results["probe_after"]),
+             "", "| config | " + " | ".join(h for _, h in cols) + " | decode b1 / bound | prefill / bound |",
+             "|---" * (len(cols) + 3) + "|"]
     b = bounds(results)
     for name, r in results["configs"].items():
         if "error" in r:
@@ -44,7 +48,7 @@ def render(results: dict) -> str:
         frac = b.get(name, {})
         d = f"{r['decode_b1_tok_s'] / frac['decode_bound_tok_s']:.0%}" if frac else "-"
         p = f"{r['prefill_tok_s'] / frac['prefill_bound_tok_s']:.0%}" if frac else "-"
-        lines.append(f"| {name} | " + " | ".join(_cell(k, r.get(k)) for k, _ in COLUMNS) + f" | {d} | {p} |")
+        lines.append(f"| {name} | " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + f" | {d} | {p} |")
     lines += ["", ratios(results)]
     return "\n".join(lines)
 
@@ -56,15 +60,16 @@ def ratios(results: dict) -> str:
     peers = {n: r for n, r in ok.items() if not n.startswith("qwenkit:")}
     if not ours or not peers:
         return "(no peer ran: no ratios)"
-    lines = ["ratios, qwenkit bf16 (and best qwenkit config) / peer:"]
-    bf16 = ours.get("qwenkit:bfloat16")
-    for key, label in COLUMNS[:4]:
+    lines = ["ratios, qwenkit in the peer's dtype (and the best qwenkit config) / peer; >1: qwenkit ahead"]
+    for key, label in columns(results.get("batch", 8))[:4]:
         lower_better = key == "ttft_s"
-        best = min(ours.values(), key=lambda r: r[key]) if lower_better else max(ours.values(), key=lambda r: r[key])
+        pick = min if lower_better else max
+        best = pick(ours.values(), key=lambda r: r[key])
+        f = (lambda a, b: b / a) if lower_better else (lambda a, b: a / b)
         for pname, pr in peers.items():
-            f = (lambda a, b: b / a) if lower_better else (lambda a, b: a / b)
-            base = f"{f(bf16[key], pr[key]):.2f}x" if bf16 else "-"
-            lines.append(f"  {label:14s} vs {pname:24s} bf16 {base}   best {f(best[key], pr[key]):.2f}x")
+            same = ours.get("qwenkit:" + pname.split(":")[1])
+            base = f"{f(same[key], pr[key]):.2f}x" if same else "-"
+            lines.append(f"  {label:14s} vs {pname:24s} same dtype {base:>7s}   best {f(best[key], pr[key]):.2f}x")
     return "\n".join(lines)
 
 
@@ -87,7 +92,7 @@ def _plot(results: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     ok = {n: r for n, r in results["configs"].items() if "error" not in r}
-    keys = ["prefill_tok_s", "decode_b1_tok_s", "decode_b8_tok_s"]
+    keys = ["prefill_tok_s", "decode_b1_tok_s", f"decode_b{results.get('batch', 8)}_tok_s"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
     for ax, key in zip(axes, keys):
         ax.barh(list(ok), [r[key] for r in ok.values()], color=["C0" if n.startswith("qwenkit") else "C1" for n in ok])

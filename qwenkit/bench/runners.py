@@ -11,6 +11,7 @@ import json
 import re
 import sys
 import time
+from pathlib import Path
 
 import torch
 
@@ -41,7 +42,6 @@ class QwenkitRunner:
 class TransformersRunner:
     def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
         import transformers
-        from pathlib import Path
 
         path = Path(path)
         kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
@@ -67,7 +67,12 @@ class LlamaCppRunner:
     """llama.cpp through llama-cpp-python's low-level API: one context, one sequence id per row."""
 
     def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu", n_ctx: int = 8 * 1024):
-        import llama_cpp as ll
+        if not str(path).endswith(".gguf"):
+            raise ValueError(f"llama.cpp reads .gguf files only, not {Path(path).name!r}")
+        try:
+            import llama_cpp as ll
+        except ImportError:
+            raise ImportError("llama-cpp-python is not installed (see benchmarks/README.md)") from None
 
         self.ll = ll
         ll.llama_backend_init()

@@ -7,10 +7,12 @@ import statistics
 import time
 
 
-def prompts(n: int, length: int, seed: int = 0) -> list[list[int]]:
-    """Deterministic pseudo-text: ordinary vocabulary ids, different per row."""
+def prompts(n: int, length: int, seed: int = 0, vocab_size: int = 151_936) -> list[list[int]]:
+    """Deterministic pseudo-text: ordinary vocabulary ids (1000-30000 when the vocabulary has
+    them, below the special tokens), different per row."""
     rng = random.Random(seed)
-    return [[rng.randrange(1000, 30000) for _ in range(length)] for _ in range(n)]
+    lo, hi = (1000, 30000) if vocab_size > 30000 else (0, vocab_size)
+    return [[rng.randrange(lo, hi) for _ in range(length)] for _ in range(n)]
 
 
 def _prefill_seconds(runner, rows, extra) -> tuple[float, list[int]]:
@@ -31,7 +33,8 @@ def _decode_seconds(runner, rows, new: int) -> tuple[float, list[int]]:
 
 def time_config(runner, spec: dict) -> dict:
     L, new, repeats, batch = spec["prompt_len"], spec["new_tokens"], spec["repeats"], spec["batch"]
-    one, many = prompts(1, L), prompts(batch, L, seed=1)
+    vocab = spec.get("vocab_size", 151_936)
+    one, many = prompts(1, L, vocab_size=vocab), prompts(batch, L, seed=1, vocab_size=vocab)
     _prefill_seconds(runner, one, new + 1)  # warm-up (allocations, kernel selection)
     prefill = [_prefill_seconds(runner, one, new + 1)[0] for _ in range(repeats)]
     decode1 = [_decode_seconds(runner, one, new) for _ in range(repeats)]
@@ -43,5 +46,5 @@ def time_config(runner, spec: dict) -> dict:
         "decode_b1_tok_s": new / statistics.median(t for t, _ in decode1),
         f"decode_b{batch}_tok_s": batch * new / statistics.median(decode8),
         "greedy_tokens": decode1[0][1][:16],
-        "samples": {"prefill_s": prefill, "decode_b1_s": [t for t, _ in decode1], "decode_b8_s": decode8},
+        "samples": {"prefill_s": prefill, "decode_b1_s": [t for t, _ in decode1], "decode_bN_s": decode8},
     }

@@ -1,13 +1,65 @@
-"""vLLM's CPU build as a peer. It pins an older transformers, so it lives in its own virtualenv:
-set QWENKIT_VLLM_PYTHON to that environment's python (see benchmarks/README.md)."""
+"""vLLM's CPU build as a peer. It pins its own transformers, so it lives in its own virtualenv:
+QWENKIT_VLLM_PYTHON names that environment's python (default: ./.venv-vllm/bin/python; see
+benchmarks/README.md). vLLM is given the same weights as every other peer: a GGUF model is
+dequantized once into an HF-format directory beside the qwenkit cache."""
 
 from __future__ import annotations
 
+import gc
+import json
 import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+
+def vllm_python() -> str | None:
+    python = os.environ.get("QWENKIT_VLLM_PYTHON") or ".venv-vllm/bin/python"
+    return python if os.path.exists(python) else None
+
+
+def hf_dir_for(path: str) -> Path:
+    """An HF-format directory holding `path`'s weights (the path itself when it is one)."""
+    p = Path(path)
+    if p.is_dir():
+        return p
+    from ..weights.hub import qwenkit_home
+
+    out = qwenkit_home() / "bench" / f"{p.stem}-hf"
+    if (out / "config.json").is_file():
+        return out
+    import torch
+
+    import qwenkit
+    from ..train.export import export_hf
+
+    model = qwenkit.load_model(p, dtype=torch.float32)  # dequantized once, exactly the other peers' weights
+    export_hf(model, out)  # atomic: a temporary directory, then a rename
+    del model
+    gc.collect()
+    return out
 
 
 def run_vllm(spec: dict, timeout: int) -> dict:
-    python = os.environ.get("QWENKIT_VLLM_PYTHON")
-    if not python or not os.path.exists(python):
-        return {"error": "vLLM CPU is not installed (it needs its own virtualenv; set QWENKIT_VLLM_PYTHON)"}
-    return {"error": "vLLM runner not implemented for GGUF inputs yet"}
+    python = vllm_python()
+    if python is None:
+        return {"error": "vLLM CPU is not installed (it needs its own virtualenv; see benchmarks/README.md)"}
+    from .timing import prompts
+
+    full = {**spec, "hf_dir": str(hf_dir_for(spec["path"])), "one": prompts(1, spec["prompt_len"], vocab_size=spec["vocab_size"]),
+            "many": prompts(spec["batch"], spec["prompt_len"], seed=1, vocab_size=spec["vocab_size"])}
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as f:
+        json.dump(full, f)
+    env = {**os.environ, "OMP_NUM_THREADS": str(spec["threads"])}
+    try:
+        proc = subprocess.run([python, str(Path(__file__).with_name("vllm_runner.py")), f.name],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    finally:
+        os.unlink(f.name)
+    for line in proc.stdout.splitlines():
+        if line.startswith("BENCH_RESULT "):
+            return json.loads(line.removeprefix("BENCH_RESULT "))
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    return {"error": f"exit {proc.returncode}: {tail}"}

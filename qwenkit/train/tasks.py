@@ -3,8 +3,10 @@
 `json_extract` (SFT): pull a person's name, age and city out of a sentence and answer with
 exactly `{"name": ..., "age": ..., "city": ...}` -- a fixed format the base model does not know.
 `arithmetic` (GRPO): `a * b + c` with two-digit a and b, answered inside <answer></answer>; the
-checker is exact. `arithmetic_small`: the same with a one-digit a, which a 0.5B model gets right
-often enough for a group of samples to disagree (GRPO learns only from groups whose rewards differ).
+checker is exact. `arithmetic_small`: `a * b` with a one-digit a and no added term, which the 0.5B
+model gets right about half the time when sampling at temperature 1 -- often enough for a group of
+samples to disagree (GRPO learns only from groups whose rewards differ). On `arithmetic` it is right
+about 2 % of the time, so nearly every group has the same reward and GRPO has nothing to learn from.
 Rows are JSONL-ready dicts; a reward maps (completion text, row) to a number in [0, 1].
 """
 
@@ -41,15 +43,17 @@ def json_extract_row(rng: random.Random) -> dict:
     return {"messages": messages, "answer": person}
 
 
-def arithmetic_row(rng: random.Random, a_range: tuple[int, int] = (12, 99)) -> dict:
-    a, b, c = rng.randint(*a_range), rng.randint(12, 99), rng.randint(10, 99)
-    prompt = f"What is {a} * {b} + {c}? Give the final answer as <answer>NUMBER</answer>."
+def arithmetic_row(rng: random.Random, a_range: tuple[int, int] = (12, 99), add: bool = True) -> dict:
+    a, b = rng.randint(*a_range), rng.randint(12, 99)
+    c = rng.randint(10, 99) if add else 0
+    question = f"{a} * {b} + {c}" if add else f"{a} * {b}"
+    prompt = f"What is {question}? Give the final answer as <answer>NUMBER</answer>."
     return {"prompt": prompt, "answer": a * b + c}
 
 
 TASKS: dict[str, Callable[[random.Random], dict]] = {
     "json_extract": json_extract_row, "arithmetic": arithmetic_row,
-    "arithmetic_small": lambda rng: arithmetic_row(rng, (3, 9))}
+    "arithmetic_small": lambda rng: arithmetic_row(rng, (3, 9), add=False)}
 
 
 def make_rows(task: str, n: int, seed: int) -> list[dict]:
