@@ -32,17 +32,47 @@ in the thylakoid membranes, where chlorophyll absorbs photons and splits water; 
 fixes carbon in the stroma."""
 
 
+@pytest.mark.parametrize("rows", [1, 6, 16, 40])  # fp32: <= 16 rows take qwenkit's GEMV, more the GEMM
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("cls,tol", [(Int8Linear, 0.02), (Int4Linear, 0.12)])
-def test_quantized_linear_matches_float(cls, tol):
+def test_quantized_linear_matches_float(cls, tol, dtype, rows):
     torch.manual_seed(0)
-    linear = nn.Linear(256, 96, bias=True).to(torch.bfloat16)
+    linear = nn.Linear(256, 112, bias=True).to(dtype)
     q = cls(linear)
-    x = torch.randn(3, 5, 256, dtype=torch.bfloat16)
+    x = torch.randn(rows, 1, 256, dtype=dtype)
     with torch.no_grad():
         ref = linear(x).float()
         got = q(x).float()
-    assert got.shape == ref.shape
+    assert got.shape == ref.shape and q(x).dtype == dtype
     assert float((got - ref).abs().max() / ref.abs().max()) < tol
+
+
+def test_cpu_gemv_kernels_equal_the_dequantized_product():
+    """qwenkit's C kernels against x @ W_dequantized^T, to fp32 rounding, on odd shapes (a K
+    with a tail after the last 16, every row count 1..16)."""
+    from qwenkit.model import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip(f"no CPU kernels here: {cpu_kernels.why_unavailable()}")
+    torch.manual_seed(0)
+    for K in (96, 200):
+        bias = torch.randn(37)
+        q8 = Int8Linear(nn.Linear(K, 37)).requires_grad_(False)
+        deq8 = q8.weight.float() * q8.scales[:, None]
+        for m in range(1, 17):
+            x = torch.randn(m, K)
+            got = cpu_kernels.int8_gemv(x, q8.weight, q8.scales, bias)
+            assert torch.allclose(got, x @ deq8.T + bias, atol=1e-4, rtol=1e-4)
+    q4 = Int4Linear(nn.Linear(96, 37)).requires_grad_(False)
+    assert q4.own_layout and q4.qweight.shape == (37, 48)
+    q = torch.randint(0, 16, (5, 64))
+    assert torch.equal(cpu_kernels.unpack_int4(cpu_kernels.pack_int4(q)), q.to(torch.uint8))
+    for m in range(1, 17):
+        x = torch.randn(m, 96)
+        got = cpu_kernels.int4_gemv(x, q4.qweight, q4.scales, q4.mins, None)
+        assert torch.allclose(got, x @ q4.dequantized().T, atol=1e-4, rtol=1e-4)
+    with pytest.raises(ValueError, match="1 to 16 rows"):
+        cpu_kernels.int8_gemv(torch.randn(17, 96), q8.weight[:, :96].contiguous(), q8.scales, None)
 
 
 def _perplexity(model, ids: list[int]) -> float:
@@ -53,19 +83,24 @@ def _perplexity(model, ids: list[int]) -> float:
 
 @pytest.mark.slow
 def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
+    """bf16 runs torch's int8/int4 kernels; fp32 runs qwenkit's own CPU GEMVs (decode) and the
+    dequantized GEMM (prefill). Each is held to its own unquantized dtype."""
     tok = qwenkit.load_tokenizer(default_model_path)
     ids = tok.encode(TEXT)
     question = tok.apply_chat_template(
         [{"role": "user", "content": "What is the capital of France? Answer in one word."}], tokenize=True)
     ppl, answers = {}, {}
-    for scheme in ("bf16", "int8", "int4"):
-        model = qwenkit.load_model(default_model_path)
-        if scheme != "bf16":
-            quantize(model, scheme)
-        ppl[scheme] = _perplexity(model, ids)
-        answers[scheme] = tok.decode(qwenkit.generate(model, question, 8), skip_special_tokens=True).strip()
-        del model
+    for dtype in (torch.bfloat16, torch.float32):
+        for scheme in ("none", "int8", "int4"):
+            model = qwenkit.load_model(default_model_path, dtype=dtype)
+            if scheme != "none":
+                quantize(model, scheme)
+            key = (str(dtype).removeprefix("torch."), scheme)
+            ppl[key] = _perplexity(model, ids)
+            answers[key] = tok.decode(qwenkit.generate(model, question, 8), skip_special_tokens=True).strip()
+            del model
     print(f"perplexity over {len(ids)} tokens: {ppl}; answers: {answers}")
-    assert ppl["int8"] <= ppl["bf16"] * 1.02
-    assert ppl["int4"] <= ppl["bf16"] * 1.08
-    assert answers["int8"] == answers["bf16"] == "Paris"
+    for dt in ("bfloat16", "float32"):
+        assert ppl[dt, "int8"] <= ppl[dt, "none"] * 1.02
+        assert ppl[dt, "int4"] <= ppl[dt, "none"] * 1.08
+        assert answers[dt, "int8"] == answers[dt, "none"] == "Paris"

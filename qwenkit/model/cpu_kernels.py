@@ -1,0 +1,119 @@
+"""The C kernels of `cpu_kernels.c`, built once with the system C compiler and called through ctypes.
+
+No torch headers and no build system: one `cc -O3 -mavx2 -mfma -fopenmp -shared` of one file
+(about a second), cached under `$QWENKIT_HOME/kernels/` by a hash of the source and flags, written
+atomically. Where there is no compiler, no AVX2, or QWENKIT_CPU_KERNELS=0, `kernels()` is None and
+callers use torch's own ops; `why_unavailable()` says why.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import tempfile
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("cpu_kernels.c")
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+MAX_ROWS = 16  # rows of x one int8 GEMV call takes (the C side's MAX_ROWS)
+_why: list[str] = []
+
+
+def why_unavailable() -> str | None:
+    kernels()
+    return _why[0] if _why else None
+
+
+@lru_cache(maxsize=1)
+def kernels() -> ctypes.CDLL | None:
+    if os.environ.get("QWENKIT_CPU_KERNELS", "1") == "0":
+        _why.append("disabled by QWENKIT_CPU_KERNELS=0")
+        return None
+    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
+        _why.append(f"CPU capability {torch.backends.cpu.get_cpu_capability()} lacks AVX2")
+        return None
+    compiler = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if compiler is None:
+        _why.append("no C compiler (cc/gcc) on PATH")
+        return None
+    try:
+        lib = ctypes.CDLL(str(_build(compiler)))
+    except (OSError, subprocess.CalledProcessError) as e:
+        _why.append(f"building {SOURCE.name} failed: {e}")
+        return None
+    lib.qk_int8_gemv_f32.restype = lib.qk_int4_gemv_f32.restype = ctypes.c_int
+    lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    return lib
+
+
+def _build(compiler: str) -> Path:
+    from ..weights.hub import qwenkit_home
+
+    source = SOURCE.read_bytes()
+    digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    out = qwenkit_home() / "kernels" / f"cpu_kernels-{digest}.so"
+    if out.is_file():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        os.replace(tmp, out)  # atomic: a concurrent builder or a kill never leaves half a library
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) int8, scales (N,) fp32 -> (M, N) fp32."""
+    lib = kernels()
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = lib.qk_int8_gemv_f32(x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+                              torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"int8 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
+    return y
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """q (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout: per group of 32, byte j holds
+    q[j] in its low nibble and q[16 + j] in its high nibble."""
+    N, K = q.shape
+    g = q.to(torch.uint8).reshape(N, K // 32, 2, 16)
+    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of pack_int4: (N, K/2) uint8 -> (N, K) uint8 in 0..15."""
+    N, half = packed.shape
+    g = packed.reshape(N, half // 16, 16)
+    return torch.stack([g & 0x0F, g >> 4], dim=2).reshape(N, half * 2)
+
+
+def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) fp32, M <= MAX_ROWS; packed (N, K/2) from pack_int4; scales, mins (N, K/32) fp32."""
+    lib = kernels()
+    x = x.contiguous()
+    M, K = x.shape
+    N = packed.shape[0]
+    xsum = x.reshape(M, K // 32, 32).sum(-1).contiguous()  # (M, K/32)
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = lib.qk_int4_gemv_f32(x.data_ptr(), xsum.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+                              None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"int4 GEMV takes 1 to {MAX_ROWS} rows and K a multiple of 32, got {tuple(x.shape)}")
+    return y
