@@ -59,3 +59,4 @@ def test_bench_times_qwenkit_beside_transformers_and_names_every_peer_that_canno
     assert ".gguf" in res["configs"]["llama.cpp:gguf"]["error"]
     assert "qwenkit:float32" in res["bounds"] and res["bounds"]["qwenkit:float32"]["decode_bound_tok_s"] > 0
     assert "not run" in proc.stdout and "vs transformers:float32" in proc.stdout
+    assert "transformers:float32     vs qwenkit:float32: all 7 equal" in proc.stdout

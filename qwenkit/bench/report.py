@@ -49,7 +49,23 @@ def render(results: dict) -> str:
         d = f"{r['decode_b1_tok_s'] / frac['decode_bound_tok_s']:.0%}" if frac else "-"
         p = f"{r['prefill_tok_s'] / frac['prefill_bound_tok_s']:.0%}" if frac else "-"
         lines.append(f"| {name} | " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + f" | {d} | {p} |")
-    lines += ["", ratios(results)]
+    lines += ["", ratios(results), "", agreement(results)]
+    return "\n".join(lines)
+
+
+def agreement(results: dict) -> str:
+    """Whether each config's batch-1 greedy tokens equal qwenkit's in the same dtype (fp32 for GGUF)."""
+    ok = {n: r for n, r in results["configs"].items() if "error" not in r and "greedy_tokens" in r}
+    lines = ["greedy tokens (batch 1) against qwenkit in the same dtype:"]
+    for name, r in ok.items():
+        dtype = name.split(":")[1]
+        ref_name = "qwenkit:" + (dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+        ref = ok.get(ref_name)
+        if ref is None or name == ref_name:
+            continue
+        same = next((i for i, (a, b) in enumerate(zip(r["greedy_tokens"], ref["greedy_tokens"])) if a != b), None)
+        verdict = f"all {len(r['greedy_tokens'])} equal" if same is None else f"first differs at token {same}"
+        lines.append(f"  {name:24s} vs {ref_name}: {verdict}")
     return "\n".join(lines)
 
 
