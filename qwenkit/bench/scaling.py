@@ -73,7 +73,9 @@ def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, rep
 
 def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
     from .. import load_model
+    from ..loader import DTYPE_NAMES, resolve_dtype
     from ..weights.hub import DEFAULT_MODEL
+    from .bounds import weight_bytes_per_token
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL)
@@ -82,10 +84,20 @@ def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                   help="auto (default): bf16 where the hardware multiplies it natively, else fp32")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
-    gqa = load_model(args.model, device=args.device)
+    torch.set_num_threads(args.threads)
+    gqa = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
     models = {"GQA": gqa, "MHA": as_mha(gqa)}
+    weights = weight_bytes_per_token(gqa)
+    for name, model in models.items():
+        per_token = kv_bytes(model, 1, 1)
+        print(f"{name}: {weights / 2**20:.0f} MiB of weights and {per_token / 1024:.1f} KiB of K/V per token read "
+              f"per decode step: K/V reads pass weight reads at {weights / per_token:,.0f} tokens of context "
+              f"(batch x context)", flush=True)
     rows = sweep(models, [int(c) for c in args.contexts.split(",")], [int(b) for b in args.batches.split(",")],
                  args.steps, args.repeats)
     os.makedirs(args.out, exist_ok=True)
