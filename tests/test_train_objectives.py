@@ -141,6 +141,14 @@ def test_score_prints_replies_and_the_mean_reward(tmp_path, capsys):
         reply = tok.decode(generate(model.eval(), ids, 6), skip_special_tokens=True)
         assert shown["prompt"] == prompt_messages(row)[-1]["content"] and shown["reply"] == reply
         assert shown["reward"] == REWARDS["arithmetic"](reply, row)
+    # --samples: N sampled replies per prompt, seeded, so the same call gives the same mean
+    runs = []
+    for _ in range(2):
+        assert main(["score", "--model", str(tmp_path / "m"), "--data", "task:arithmetic:5:1", "--reward", "arithmetic",
+                     "--max-new-tokens", "6", "--samples", "3", "--temperature", "1.0", "--seed", "7"]) == 0
+        runs.append(json.loads(capsys.readouterr().out.splitlines()[-1]))
+    assert runs[0]["samples"] == 15 and 0.0 <= runs[0]["sampled_mean_reward"] <= 1.0
+    assert runs[0]["sampled_mean_reward"] == runs[1]["sampled_mean_reward"] and runs[0]["mean_reward"] == lines[-1]["mean_reward"]
 
 
 @pytest.mark.parametrize("task,a_max", [("arithmetic", 99), ("arithmetic_small", 9)])

@@ -6,6 +6,7 @@
     qwenkit train tokenizer --corpus corpus:gutenberg,poetry --vocab-size 8192 --out DIR
     qwenkit train make-data json_extract|arithmetic|arithmetic_small --n 2000 --out FILE.jsonl [--seed S]
     qwenkit train score --model ID --data FILE.jsonl --reward NAME [--adapter DIR] [--limit N] [--show N]
+                        [--samples N --temperature T --seed S]
 
 Launch any objective under `torchrun --nproc-per-node N -m qwenkit.train.cli <objective> ...`
 for DDP (or `--set run.distributed=fsdp` for FSDP2).
@@ -157,7 +158,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
     from .lora import apply_adapter
     from .tasks import REWARDS, prompt_messages
 
-    p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy answers on held-out rows")
+    p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy (and sampled) answers on held-out rows")
     p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
     p.add_argument("--adapter")
     p.add_argument("--data", required=True, help="a .jsonl file or task:NAME:N[:SEED]")
@@ -165,6 +166,10 @@ def score_cmd(argv: list[str], prog: str) -> int:
     p.add_argument("--limit", type=int, default=50)
     p.add_argument("--max-new-tokens", type=int, default=48)
     p.add_argument("--show", type=int, default=0, help="print the first N prompts' replies and rewards")
+    p.add_argument("--samples", type=int, default=0,
+                   help="also sample N replies per prompt at --temperature (the reward GRPO's rollouts see)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
     model = load_model(args.model, dtype=torch.float32)
     if args.adapter:
@@ -178,8 +183,15 @@ def score_cmd(argv: list[str], prog: str) -> int:
     for row, answer, reward in list(zip(rows, answers, rewards))[:args.show]:
         print(json.dumps({"prompt": prompt_messages(row)[-1]["content"], "reply": answer, "reward": reward},
                          ensure_ascii=False))
-    print(json.dumps({"mean_reward": round(sum(rewards) / max(1, len(rows)), 4), "rows": len(rows),
-                      "seconds": round(time.perf_counter() - t0, 1)}))
+    summary = {"mean_reward": round(sum(rewards) / max(1, len(rows)), 4), "rows": len(rows)}
+    if args.samples > 0:
+        many = [p for p in prompts for _ in range(args.samples)]
+        sampled = greedy_answers(model, tok, many, args.max_new_tokens, args.temperature, args.seed)
+        scores = [REWARDS[args.reward](a, rows[i // args.samples]) for i, a in enumerate(sampled)]
+        summary.update(sampled_mean_reward=round(sum(scores) / len(scores), 4), samples=len(scores),
+                       temperature=args.temperature)
+    summary["seconds"] = round(time.perf_counter() - t0, 1)
+    print(json.dumps(summary))
     return 0
 
 

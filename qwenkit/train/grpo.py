@@ -124,17 +124,19 @@ def _engine_for(model, tokenizer, prompts: list[list[int]], max_new_tokens: int)
 
 
 @torch.no_grad()
-def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int) -> list[str]:
-    """The greedy reply to every prompt, batched in qwenkit's engine."""
+def greedy_answers(model, tokenizer, prompts: list[list[int]], max_new_tokens: int,
+                   temperature: float = 0.0, seed: int = 0) -> list[str]:
+    """One reply to every prompt, batched in qwenkit's engine: greedy, or sampled at
+    `temperature` with a seed per prompt derived from `seed` (reproducible)."""
     from ..engine import SamplingParams
 
     if not prompts:
         return []
     was_training = model.training
     model.eval()
-    params = SamplingParams(max_tokens=max_new_tokens, temperature=0.0,
-                            stop_token_ids=tuple(tokenizer.eos_token_ids))
-    outs = _engine_for(model, tokenizer, prompts, max_new_tokens).generate(prompts, [params] * len(prompts))
+    params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature, seed=seed * 1_000_003 + i,
+                             stop_token_ids=tuple(tokenizer.eos_token_ids)) for i in range(len(prompts))]
+    outs = _engine_for(model, tokenizer, prompts, max_new_tokens).generate(prompts, params)
     model.train(was_training)
     return [tokenizer.decode(o.token_ids, skip_special_tokens=True) for o in outs]
 
