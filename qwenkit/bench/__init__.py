@@ -85,11 +85,15 @@ def _vocab_size(path: str) -> int:
 
 
 def _slow_bf16(probe: dict, device: str) -> str | None:
-    """Why bf16 configs are not worth timing here, or None: a CPU without native bf16 matmul
-    (no AVX512-BF16 / AMX) runs bf16 GEMM tens of times slower than fp32."""
-    if device != "cpu" or probe["bf16_gemm_GFLOPs"] >= 0.25 * probe["fp32_gemm_GFLOPs"]:
+    """Why bf16 configs are not worth timing here, or None: the device has no native bf16 matmul
+    (the same test as `--dtype auto`), with the probe's measured rates."""
+    import torch
+
+    from ..loader import auto_dtype
+
+    if auto_dtype(device) == torch.bfloat16:
         return None
-    return (f"this CPU has no native bf16 matmul ({probe['bf16_gemm_GFLOPs']:.0f} GFLOP/s bf16 against "
+    return (f"this CPU has no native bf16 matmul ({probe['bf16_gemm_GFLOPs']:.1f} GFLOP/s bf16 against "
             f"{probe['fp32_gemm_GFLOPs']:.0f} fp32)")
 
 
