@@ -104,3 +104,25 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
         assert ppl[dt, "int8"] <= ppl[dt, "none"] * 1.02
         assert ppl[dt, "int4"] <= ppl[dt, "none"] * 1.08
         assert answers[dt, "int8"] == answers[dt, "none"] == "Paris"
+
+
+def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
+    """qwenkit's Linear: 2-8 fp32 rows without autograd go through the CPU GEMV and equal F.linear
+    to fp32 rounding; with autograd on it is torch's op (gradients flow)."""
+    from qwenkit.model import cpu_kernels
+    from qwenkit.model.layers import Linear
+
+    torch.manual_seed(0)
+    lin = Linear(200, 75, bias=True)
+    for rows in range(1, 11):
+        x = torch.randn(rows, 1, 200)
+        with torch.no_grad():
+            assert torch.allclose(lin(x), nn.functional.linear(x, lin.weight, lin.bias), atol=1e-5, rtol=1e-5)
+    if cpu_kernels.kernels() is not None:
+        x = torch.randn(4, 200)
+        with torch.no_grad():
+            direct = cpu_kernels.f32_gemv(x, lin.weight, lin.bias)
+            assert torch.equal(lin(x), direct)
+    y = lin(torch.randn(4, 200, requires_grad=True))
+    y.sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.shape == (75, 200)

@@ -50,6 +50,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_int8_gemv_f32.restype = lib.qk_int4_gemv_f32.restype = ctypes.c_int
     lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qk_f32_gemv.restype = ctypes.c_int
+    lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -116,4 +118,18 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
                               None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
     if rc != 0:
         raise ValueError(f"int4 GEMV takes 1 to {MAX_ROWS} rows and K a multiple of 32, got {tuple(x.shape)}")
+    return y
+
+
+def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) fp32 contiguous -> (M, N) fp32."""
+    lib = kernels()
+    x = x.contiguous()
+    M, K = x.shape
+    N = weight.shape[0]
+    y = torch.empty(M, N, dtype=torch.float32)
+    rc = lib.qk_f32_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+                         M, N, K, torch.get_num_threads())
+    if rc != 0:
+        raise ValueError(f"fp32 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y

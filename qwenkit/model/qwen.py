@@ -13,7 +13,7 @@ from torch import nn
 
 from ..config import QwenConfig
 from .attention import Attention, KVCache
-from .layers import GatedMLP, RMSNorm, SparseMoE
+from .layers import GatedMLP, Linear, RMSNorm, SparseMoE
 from .rope import Rope
 
 
@@ -52,7 +52,7 @@ class QwenForCausalLM(nn.Module):
         super().__init__()
         self.config = cfg
         self.model = QwenBackbone(cfg)
-        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
