@@ -11,6 +11,18 @@
 
 #define MAX_ROWS 16
 
+// Runs BLOCK(m0, MB) over rows [0, M) of x in blocks of 4 (MB a literal 1..4, so each call inlines
+// with its accumulators in registers).
+#define FOR_ROW_BLOCKS(M, BLOCK)                                      \
+    for (int64_t m0 = 0; m0 < (M); m0 += 4) {                         \
+        switch ((M) - m0 >= 4 ? 4 : (M) - m0) {                       \
+            case 4: BLOCK(m0, 4); break;                              \
+            case 3: BLOCK(m0, 3); break;                              \
+            case 2: BLOCK(m0, 2); break;                              \
+            default: BLOCK(m0, 1); break;                             \
+        }                                                             \
+    }
+
 static inline float hsum(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -48,15 +60,9 @@ int qk_int8_gemv_f32(const float *x, const int8_t *w, const float *s, const floa
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wr = w + n * K;  // re-read from L1 by every block of 4 x rows
         float out[MAX_ROWS];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xb = x + m0 * K;
-            switch (M - m0 >= 4 ? 4 : M - m0) {
-                case 4: row_block(xb, wr, out + m0, K, 4); break;
-                case 3: row_block(xb, wr, out + m0, K, 3); break;
-                case 2: row_block(xb, wr, out + m0, K, 2); break;
-                default: row_block(xb, wr, out + m0, K, 1); break;
-            }
-        }
+#define BLOCK(m0, MB) row_block(x + (m0) * K, wr, out + (m0), K, MB)
+        FOR_ROW_BLOCKS(M, BLOCK)
+#undef BLOCK
         for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] * s[n] + (bias ? bias[n] : 0.0f);
     }
     return 0;
@@ -108,15 +114,9 @@ int qk_int4_gemv_f32(const float *x, const float *xsum, const uint8_t *q, const 
         const uint8_t *qr = q + n * (K / 2);
         const float *sr = scales + n * G, *mr = mins + n * G;
         float out[MAX_ROWS];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xb = x + m0 * K, *sb = xsum + m0 * G;
-            switch (M - m0 >= 4 ? 4 : M - m0) {
-                case 4: row_block_q4(xb, sb, qr, sr, mr, out + m0, K, 4); break;
-                case 3: row_block_q4(xb, sb, qr, sr, mr, out + m0, K, 3); break;
-                case 2: row_block_q4(xb, sb, qr, sr, mr, out + m0, K, 2); break;
-                default: row_block_q4(xb, sb, qr, sr, mr, out + m0, K, 1); break;
-            }
-        }
+#define BLOCK(m0, MB) row_block_q4(x + (m0) * K, xsum + (m0) * G, qr, sr, mr, out + (m0), K, MB)
+        FOR_ROW_BLOCKS(M, BLOCK)
+#undef BLOCK
         for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }
     return 0;
@@ -150,15 +150,9 @@ int qk_f32_gemv(const float *x, const float *w, const float *bias, float *y, int
     for (int64_t n = 0; n < N; n++) {
         const float *wr = w + n * K;
         float out[MAX_ROWS];
-        for (int64_t m0 = 0; m0 < M; m0 += 4) {
-            const float *xb = x + m0 * K;
-            switch (M - m0 >= 4 ? 4 : M - m0) {
-                case 4: row_block_f32(xb, wr, out + m0, K, 4); break;
-                case 3: row_block_f32(xb, wr, out + m0, K, 3); break;
-                case 2: row_block_f32(xb, wr, out + m0, K, 2); break;
-                default: row_block_f32(xb, wr, out + m0, K, 1); break;
-            }
-        }
+#define BLOCK(m0, MB) row_block_f32(x + (m0) * K, wr, out + (m0), K, MB)
+        FOR_ROW_BLOCKS(M, BLOCK)
+#undef BLOCK
         for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }
     return 0;
