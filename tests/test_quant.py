@@ -47,37 +47,63 @@ def test_quantized_linear_matches_float(cls, tol, dtype, rows):
     assert float((got - ref).abs().max() / ref.abs().max()) < tol
 
 
+def _q8_blocks(x: torch.Tensor) -> torch.Tensor:
+    """x (M, K) quantized to int8 in blocks of 32 along K (the last may be short) and back, as the
+    int8/int4 kernels see it: scale = amax / 127, round to nearest even."""
+    out = torch.empty_like(x)
+    for k in range(0, x.shape[1], 32):
+        b = x[:, k:k + 32]
+        amax = b.abs().amax(1, keepdim=True)
+        q = torch.round(b * torch.where(amax > 0, 127.0 / amax, 0.0))
+        out[:, k:k + 32] = q * (amax / 127.0)
+    return out
+
+
 def test_cpu_gemv_kernels_equal_the_dequantized_product():
-    """qwenkit's C kernels against x @ W_dequantized^T, to fp32 rounding, on odd shapes (a K
-    with a tail after the last 16, every row count 1..16)."""
+    """qwenkit's C kernels against x_q8 @ W_dequantized^T, to fp32 rounding, on odd shapes (an odd
+    number of blocks of 32, a short last block, every row count 1..16); x_q8 is x through int8
+    blocks of 32, which differs from x by at most half a step of its block."""
     from qwenkit.model import cpu_kernels
 
     if cpu_kernels.kernels() is None:
         pytest.skip(f"no CPU kernels here: {cpu_kernels.why_unavailable()}")
     torch.manual_seed(0)
-    for K in (96, 200):
+    for K in (96, 200, 256):
         bias = torch.randn(37)
         q8 = Int8Linear(nn.Linear(K, 37)).requires_grad_(False)
         deq8 = q8.weight.float() * q8.scales[:, None]
         for m in range(1, 17):
             x = torch.randn(m, K)
             got = cpu_kernels.int8_gemv(x, q8.weight, q8.scales, bias)
-            assert torch.allclose(got, x @ deq8.T + bias, atol=1e-4, rtol=1e-4)
+            assert torch.allclose(got, _q8_blocks(x) @ deq8.T + bias, atol=1e-4, rtol=1e-4)
     q4 = Int4Linear(nn.Linear(96, 37)).requires_grad_(False)
     assert q4.own_layout and q4.qweight.shape == (37, 48)
     q = torch.randint(0, 16, (5, 64))
     assert torch.equal(cpu_kernels.unpack_int4(cpu_kernels.pack_int4(q)), q.to(torch.uint8))
     for m in range(1, 17):
         x = torch.randn(m, 96)
+        x[0, :32] = 0.0  # an all-zero block quantizes to zeros, not NaN
         got = cpu_kernels.int4_gemv(x, q4.qweight, q4.scales, q4.mins, None)
-        assert torch.allclose(got, x @ q4.dequantized().T, atol=1e-4, rtol=1e-4)
+        # the minimum term multiplies the exact block sums of x, the rest its int8 blocks
+        deq4 = q4.dequantized()
+        mins = q4.mins.repeat_interleave(32, dim=1)
+        want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T
+        assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
+        assert not got.isnan().any()
     with pytest.raises(ValueError, match="1 to 16 rows"):
         cpu_kernels.int8_gemv(torch.randn(17, 96), q8.weight[:, :96].contiguous(), q8.scales, None)
 
 
-def _perplexity(model, ids: list[int]) -> float:
+def _perplexity(model, ids: list[int], chunk: int | None = None) -> float:
+    """Over one forward of `ids`, or (chunk) over pieces of that many tokens through a KV cache,
+    which sends them down the decode GEMVs (<= 16 rows) instead of prefill's GEMM."""
     with torch.inference_mode():
-        logits = model(torch.tensor([ids]))[0, :-1]
+        if chunk is None:
+            logits = model(torch.tensor([ids]))[0, :-1]
+        else:
+            cache = model.new_cache(1, len(ids))
+            logits = torch.cat([model(torch.tensor([ids[i:i + chunk]]), cache=cache)[0]
+                                for i in range(0, len(ids), chunk)])[:-1]
     return math.exp(float(torch.nn.functional.cross_entropy(logits, torch.tensor(ids[1:]))))
 
 
@@ -97,6 +123,8 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
                 quantize(model, scheme)
             key = (str(dtype).removeprefix("torch."), scheme)
             ppl[key] = _perplexity(model, ids)
+            if dtype == torch.float32:  # qwenkit's int8/int4 GEMVs, which also quantize x
+                ppl[key + ("decode",)] = _perplexity(model, ids, chunk=16)
             answers[key] = tok.decode(qwenkit.generate(model, question, 8), skip_special_tokens=True).strip()
             del model
     print(f"perplexity over {len(ids)} tokens: {ppl}; answers: {answers}")
@@ -104,6 +132,9 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
         assert ppl[dt, "int8"] <= ppl[dt, "none"] * 1.02
         assert ppl[dt, "int4"] <= ppl[dt, "none"] * 1.08
         assert answers[dt, "int8"] == answers[dt, "none"] == "Paris"
+    assert ppl["float32", "int8", "decode"] <= ppl["float32", "none", "decode"] * 1.02
+    assert ppl["float32", "int4", "decode"] <= ppl["float32", "none", "decode"] * 1.08
+    assert ppl["float32", "none", "decode"] == pytest.approx(ppl["float32", "none"], rel=1e-3)
 
 
 def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():

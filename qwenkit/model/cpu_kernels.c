@@ -1,13 +1,18 @@
-// Weight-only int8 matrix-vector products for decode on x86 CPUs with AVX2 + FMA.
+// Matrix-vector products for decode on x86 CPUs with AVX2 + FMA: weight-only int8 and int4, and fp32.
 //
-// y[m, n] = s[n] * sum_k x[m, k] * w[n, k] (+ bias[n])   x: fp32 (M, K), w: int8 (N, K), s: fp32 (N)
-//
-// Decode at small batch is bound by reading the weights; int8 reads a quarter of fp32's bytes.
-// Each output row n streams its K weights from memory once, widens 16 of them at a time to fp32
+// Decode at small batch is bound by reading the weights; int8 reads a quarter of fp32's bytes and
+// int4 an eighth (plus its group scales). Each output row n streams its weights from memory once
 // and multiplies them into register accumulators for up to 4 input rows at a time (a row of
 // weights stays in L1 for the next 4), M <= MAX_ROWS. Rows are split across OpenMP threads.
+//
+// The int8 and int4 kernels multiply in integers: x is first quantized to int8 in blocks of 32
+// (one fp32 scale per block, round to nearest), then each block of 32 products is one
+// maddubs + madd (u8 x s8 -> s16 pairs -> s32) and one FMA by the block's scales. Widening every
+// weight to fp32 instead made the GEMV compute-bound at about half the bandwidth bound.
 #include <immintrin.h>
+#include <math.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #define MAX_ROWS 16
 
@@ -30,95 +35,150 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-// One weight row against MB (1..4, a compile-time constant after inlining) rows of x: two
-// independent accumulators per x row, all in registers, so the FMA chains never wait on memory.
-static inline __attribute__((always_inline)) void row_block(const float *x, const int8_t *wr, float *out,
-                                                            int64_t K, const int MB) {
+// x (M, K) fp32 -> xq (M, K) int8 and xs (M, G) fp32, G = ceil(K / 32): x[m, k] ~ xq[m, k] * xs[m, k / 32].
+// With xsum non-NULL it also gets the exact fp32 sum of each block (the int4 kernel's minimum term).
+static void quantize_rows_q8(const float *x, int8_t *xq, float *xs, float *xsum, int64_t M, int64_t K) {
+    const int64_t G = (K + 31) / 32;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t g = 0; g < G; g++) {
+            const float *xb = x + m * K + g * 32;
+            const int64_t n = K - g * 32 < 32 ? K - g * 32 : 32;
+            float amax = 0.0f, sum = 0.0f;
+            for (int64_t j = 0; j < n; j++) {
+                amax = fmaxf(amax, fabsf(xb[j]));
+                sum += xb[j];
+            }
+            const float scale = amax / 127.0f, inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+            for (int64_t j = 0; j < n; j++) xq[m * K + g * 32 + j] = (int8_t)lrintf(xb[j] * inv);
+            xs[m * G + g] = scale;
+            if (xsum) xsum[m * G + g] = sum;
+        }
+    }
+}
+
+// 8 int32 lanes, each the sum of 4 of the 32 products u[j] * s[j] (u unsigned 0..255, s signed).
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
+}
+
+// One int8 weight row against MB (1..4, a compile-time constant after inlining) quantized rows of
+// x. maddubs multiplies unsigned by signed bytes, so |w| meets x with w's sign moved onto it; the
+// pair sums stay below 2 * 127 * 127 and cannot saturate. Two accumulators per x row (even and
+// odd blocks) keep the FMA chains from waiting on each other.
+static inline __attribute__((always_inline)) void row_block_i8(const int8_t *xq, const float *xs, const int8_t *wr,
+                                                               float *out, int64_t K, const int MB) {
+    const int64_t G = (K + 31) / 32, full = K / 32;
     __m256 a0[4], a1[4];
     for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 16 <= K; k += 16) {
-        __m128i b = _mm_loadu_si128((const __m128i *)(wr + k));
-        __m256 w0 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(b));
-        __m256 w1 = _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(b, 8)));
+    int64_t g = 0;
+    for (; g + 2 <= full; g += 2) {
+        __m256i w0 = _mm256_loadu_si256((const __m256i *)(wr + g * 32));
+        __m256i w1 = _mm256_loadu_si256((const __m256i *)(wr + g * 32 + 32));
+        __m256i u0 = _mm256_sign_epi8(w0, w0), u1 = _mm256_sign_epi8(w1, w1);
         for (int m = 0; m < MB; m++) {
-            a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);
-            a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);
+            const int8_t *xg = xq + m * K + g * 32;
+            __m256i d0 = dot_u8s8(u0, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)xg), w0));
+            __m256i d1 = dot_u8s8(u1, _mm256_sign_epi8(_mm256_loadu_si256((const __m256i *)(xg + 32)), w1));
+            a0[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d0), _mm256_broadcast_ss(xs + m * G + g), a0[m]);
+            a1[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d1), _mm256_broadcast_ss(xs + m * G + g + 1), a1[m]);
         }
     }
     for (int m = 0; m < MB; m++) {
         float total = hsum(_mm256_add_ps(a0[m], a1[m]));
-        for (int64_t j = k; j < K; j++) total += x[m * K + j] * (float)wr[j];
+        for (int64_t h = g; h < G; h++) {  // an odd last block, then a partial one
+            int32_t d = 0;
+            for (int64_t j = h * 32; j < K && j < h * 32 + 32; j++) d += (int32_t)xq[m * K + j] * wr[j];
+            total += (float)d * xs[m * G + h];
+        }
         out[m] = total;
     }
+}
+
+// Scratch for x quantized once per call: xq (M, K) int8, then xs and xsum (M, G) fp32 each.
+static void *quantized_x(const float *x, int64_t M, int64_t K, int with_sum, int8_t **xq, float **xs, float **xsum) {
+    const int64_t G = (K + 31) / 32;
+    const int64_t q_bytes = (M * K + 63) / 64 * 64;
+    char *buf = malloc(q_bytes + 2 * M * G * sizeof(float));
+    if (!buf) return NULL;
+    *xq = (int8_t *)buf;
+    *xs = (float *)(buf + q_bytes);
+    *xsum = with_sum ? *xs + M * G : NULL;
+    quantize_rows_q8(x, *xq, *xs, *xsum, M, K);
+    return buf;
 }
 
 int qk_int8_gemv_f32(const float *x, const int8_t *w, const float *s, const float *bias, float *y,
                      int64_t M, int64_t N, int64_t K, int threads) {
     if (M < 1 || M > MAX_ROWS) return -1;
+    int8_t *xq;
+    float *xs, *unused;
+    void *buf = quantized_x(x, M, K, 0, &xq, &xs, &unused);
+    if (!buf) return -2;
+    const int64_t G = (K + 31) / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const int8_t *wr = w + n * K;  // re-read from L1 by every block of 4 x rows
         float out[MAX_ROWS];
-#define BLOCK(m0, MB) row_block(x + (m0) * K, wr, out + (m0), K, MB)
+#define BLOCK(m0, MB) row_block_i8(xq + (m0) * K, xs + (m0) * G, wr, out + (m0), K, MB)
         FOR_ROW_BLOCKS(M, BLOCK)
 #undef BLOCK
         for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] * s[n] + (bias ? bias[n] : 0.0f);
     }
+    free(buf);
     return 0;
 }
 
 // Weight-only int4, groups of 32 inputs with a scale and a minimum each:
 //   w[n, k] = q[n, k] * scale[n, g] + min[n, g],  g = k / 32,  q in 0..15
 // q is packed 16 bytes per group: byte j holds q[32g + j] (low nibble) and q[32g + 16 + j] (high).
-// y[m, n] = sum_g scale[n, g] * (q[n, g] . x[m, g]) + sum_g min[n, g] * xsum[m, g] (+ bias[n]),
-// where xsum[m, g] is the sum of x[m] over group g (the caller passes it, computed once per call).
-static inline __attribute__((always_inline)) void row_block_q4(const float *x, const float *xsum,
+// y[m, n] = sum_g scale[n, g] * xs[m, g] * (q[n, g] . xq[m, g]) + sum_g min[n, g] * xsum[m, g] (+ bias[n]).
+// q is unsigned, so it goes straight into maddubs.
+static inline __attribute__((always_inline)) void row_block_q4(const int8_t *xq, const float *xs, const float *xsum,
                                                                const uint8_t *qr, const float *sr,
                                                                const float *mr, float *out, int64_t K,
                                                                const int MB) {
     const int64_t G = K / 32;
     const __m128i low4 = _mm_set1_epi8(0x0F);
-    __m256 acc[4];
-    for (int m = 0; m < MB; m++) acc[m] = _mm256_setzero_ps();
+    __m256 acc[4], macc[4];
+    for (int m = 0; m < MB; m++) acc[m] = macc[m] = _mm256_setzero_ps();
     for (int64_t g = 0; g < G; g++) {
         __m128i b = _mm_loadu_si128((const __m128i *)(qr + g * 16));
         __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-        __m256 q0 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo));
-        __m256 q1 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8)));
-        __m256 q2 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi));
-        __m256 q3 = _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8)));
-        __m256 scale = _mm256_set1_ps(sr[g]);
+        __m256i q = _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);  // q[32g .. 32g + 31]
         for (int m = 0; m < MB; m++) {
-            const float *xg = x + m * K + g * 32;
-            __m256 p = _mm256_mul_ps(q0, _mm256_loadu_ps(xg));
-            p = _mm256_fmadd_ps(q1, _mm256_loadu_ps(xg + 8), p);
-            p = _mm256_fmadd_ps(q2, _mm256_loadu_ps(xg + 16), p);
-            p = _mm256_fmadd_ps(q3, _mm256_loadu_ps(xg + 24), p);
-            acc[m] = _mm256_fmadd_ps(scale, p, acc[m]);
+            __m256i d = dot_u8s8(q, _mm256_loadu_si256((const __m256i *)(xq + m * K + g * 32)));
+            acc[m] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), _mm256_set1_ps(sr[g] * xs[m * G + g]), acc[m]);
         }
     }
     for (int m = 0; m < MB; m++) {
-        float total = hsum(acc[m]);
-        for (int64_t g = 0; g < G; g++) total += mr[g] * xsum[m * G + g];
+        int64_t g = 0;
+        for (; g + 8 <= G; g += 8)
+            macc[m] = _mm256_fmadd_ps(_mm256_loadu_ps(mr + g), _mm256_loadu_ps(xsum + m * G + g), macc[m]);
+        float total = hsum(_mm256_add_ps(acc[m], macc[m]));
+        for (; g < G; g++) total += mr[g] * xsum[m * G + g];
         out[m] = total;
     }
 }
 
-int qk_int4_gemv_f32(const float *x, const float *xsum, const uint8_t *q, const float *scales, const float *mins,
-                     const float *bias, float *y, int64_t M, int64_t N, int64_t K, int threads) {
+int qk_int4_gemv_f32(const float *x, const uint8_t *q, const float *scales, const float *mins, const float *bias,
+                     float *y, int64_t M, int64_t N, int64_t K, int threads) {
     if (M < 1 || M > MAX_ROWS || K % 32) return -1;
+    int8_t *xq;
+    float *xs, *xsum;
+    void *buf = quantized_x(x, M, K, 1, &xq, &xs, &xsum);
+    if (!buf) return -2;
     const int64_t G = K / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const uint8_t *qr = q + n * (K / 2);
         const float *sr = scales + n * G, *mr = mins + n * G;
         float out[MAX_ROWS];
-#define BLOCK(m0, MB) row_block_q4(x + (m0) * K, xsum + (m0) * G, qr, sr, mr, out + (m0), K, MB)
+#define BLOCK(m0, MB) row_block_q4(xq + (m0) * K, xs + (m0) * G, xsum + (m0) * G, qr, sr, mr, out + (m0), K, MB)
         FOR_ROW_BLOCKS(M, BLOCK)
 #undef BLOCK
         for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
     }
+    free(buf);
     return 0;
 }
 

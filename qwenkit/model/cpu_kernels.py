@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_ROWS = 16  # rows of x one int8 GEMV call takes (the C side's MAX_ROWS)
 _why: list[str] = []
 
@@ -49,7 +49,7 @@ def kernels() -> ctypes.CDLL | None:
         return None
     lib.qk_int8_gemv_f32.restype = lib.qk_int4_gemv_f32.restype = ctypes.c_int
     lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 7 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_f32_gemv.restype = ctypes.c_int
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
@@ -75,8 +75,16 @@ def _build(compiler: str) -> Path:
     return out
 
 
+def _check(rc: int, shape_error: str) -> None:
+    if rc == -2:
+        raise MemoryError("the CPU GEMV could not allocate its quantized copy of x")
+    if rc != 0:
+        raise ValueError(shape_error)
+
+
 def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) int8, scales (N,) fp32 -> (M, N) fp32."""
+    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) int8, scales (N,) fp32 -> (M, N) fp32.
+    x is quantized to int8 in blocks of 32 inside the kernel (see cpu_kernels.c)."""
     lib = kernels()
     x = x.contiguous()
     M, K = x.shape
@@ -85,8 +93,7 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     rc = lib.qk_int8_gemv_f32(x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
                               torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"int8 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
+    _check(rc, f"int8 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y
 
 
@@ -112,12 +119,10 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
     x = x.contiguous()
     M, K = x.shape
     N = packed.shape[0]
-    xsum = x.reshape(M, K // 32, 32).sum(-1).contiguous()  # (M, K/32)
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.qk_int4_gemv_f32(x.data_ptr(), xsum.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
+    rc = lib.qk_int4_gemv_f32(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
                               None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"int4 GEMV takes 1 to {MAX_ROWS} rows and K a multiple of 32, got {tuple(x.shape)}")
+    _check(rc, f"int4 GEMV takes 1 to {MAX_ROWS} rows and K a multiple of 32, got {tuple(x.shape)}")
     return y
 
 
