@@ -217,3 +217,42 @@ int qk_f32_gemv(const float *x, const float *w, const float *bias, float *y, int
     }
     return 0;
 }
+
+// The weights back in fp32, for prefill's GEMM: w (N, K) int8 with per-row scales s, or packed
+// int4 with per-group scales and minimums as above -> out (N, K) fp32. One pass, rows across threads.
+int qk_int8_dequant(const int8_t *w, const float *s, float *out, int64_t N, int64_t K, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const __m256 scale = _mm256_set1_ps(s[n]);
+        const int8_t *wr = w + n * K;
+        float *o = out + n * K;
+        int64_t k = 0;
+        for (; k + 8 <= K; k += 8) {
+            __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + k)));
+            _mm256_storeu_ps(o + k, _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale));
+        }
+        for (; k < K; k++) o[k] = (float)wr[k] * s[n];
+    }
+    return 0;
+}
+
+int qk_int4_dequant(const uint8_t *q, const float *scales, const float *mins, float *out, int64_t N, int64_t K,
+                    int threads) {
+    if (K % 32) return -1;
+    const int64_t G = K / 32;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        for (int64_t g = 0; g < G; g++) {
+            const uint8_t *b = q + n * (K / 2) + g * 16;
+            const __m256 scale = _mm256_set1_ps(scales[n * G + g]), mn = _mm256_set1_ps(mins[n * G + g]);
+            __m128i v = _mm_loadu_si128((const __m128i *)b);
+            __m128i lo = _mm_and_si128(v, _mm_set1_epi8(0x0F)), hi = _mm_and_si128(_mm_srli_epi16(v, 4), _mm_set1_epi8(0x0F));
+            float *o = out + n * K + g * 32;
+            _mm256_storeu_ps(o, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(lo)), scale, mn));
+            _mm256_storeu_ps(o + 8, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(lo, 8))), scale, mn));
+            _mm256_storeu_ps(o + 16, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(hi)), scale, mn));
+            _mm256_storeu_ps(o + 24, _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(hi, 8))), scale, mn));
+        }
+    }
+    return 0;
+}

@@ -50,7 +50,9 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_int8_gemv_f32.restype = lib.qk_int4_gemv_f32.restype = ctypes.c_int
     lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qk_f32_gemv.restype = ctypes.c_int
+    lib.qk_f32_gemv.restype = lib.qk_int8_dequant.restype = lib.qk_int4_dequant.restype = ctypes.c_int
+    lib.qk_int8_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.qk_int4_dequant.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
@@ -138,3 +140,20 @@ def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     if rc != 0:
         raise ValueError(f"fp32 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y
+
+
+def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """weight (N, K) int8, scales (N,) fp32 -> (N, K) fp32 in one multi-threaded pass."""
+    out = torch.empty(weight.shape, dtype=torch.float32)
+    kernels().qk_int8_dequant(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), *weight.shape,
+                              torch.get_num_threads())
+    return out
+
+
+def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
+    """packed (N, K/2) from pack_int4, scales and mins (N, K/32) fp32 -> (N, K) fp32."""
+    N, K = packed.shape[0], packed.shape[1] * 2
+    out = torch.empty(N, K, dtype=torch.float32)
+    kernels().qk_int4_dequant(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), out.data_ptr(), N, K,
+                              torch.get_num_threads())
+    return out

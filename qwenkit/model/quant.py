@@ -30,6 +30,12 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
+    def dequantized(self) -> torch.Tensor:
+        """W as fp32 (N, K)."""
+        if self.weight.device.type == "cpu" and cpu_kernels.kernels() is not None:
+            return cpu_kernels.int8_dequant(self.weight, self.scales.float())
+        return self.weight.float() * self.scales.float()[:, None]
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
@@ -38,7 +44,7 @@ class Int8Linear(nn.Module):
                 bias = None if self.bias is None else self.bias.detach().float().contiguous()
                 return cpu_kernels.int8_gemv(x2, self.weight, self.scales.float(), bias).reshape(*shape[:-1], -1)
             if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: one dequantized copy of W, then fp32 GEMM
-                y = x2 @ (self.weight.float() * self.scales.float()[:, None]).T
+                y = x2 @ self.dequantized().T
                 y = y.reshape(*shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
         y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
@@ -78,6 +84,8 @@ class Int4Linear(nn.Module):
 
     def dequantized(self) -> torch.Tensor:
         """W as fp32 (N, K) (qwenkit's layout only)."""
+        if cpu_kernels.kernels() is not None:
+            return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins)
         q = cpu_kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
         return (q * self.scales[..., None] + self.mins[..., None]).reshape(self.out_features, self.in_features)
 
