@@ -13,6 +13,8 @@ import torch
 
 from .config import QwenConfig
 from .errors import ConfigError
+from .model.quant import QuantizeOnLoad, check_scheme
+from .model.quant import quantize as quantize_model
 from .model.qwen import QwenForCausalLM
 from .model.weight_map import load_tensors
 
@@ -53,13 +55,18 @@ def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCa
 
 
 def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, device="cpu",
-               progress: bool = False, adapter: str | Path | None = None) -> QwenForCausalLM:
+               progress: bool = False, adapter: str | Path | None = None,
+               quantize: str | None = None) -> QwenForCausalLM:
     """Load a Qwen model from an HF-format directory, a .gguf file, or a model id.
 
     `adapter`: a LoRA adapter directory in PEFT's layout, merged into the weights.
+    `quantize`: "int8" or "int4" weight-only layers, each made as soon as its weights are loaded
+    (with an adapter, after merging it).
     """
     from .weights import open_checkpoint
 
+    if quantize:
+        check_scheme(quantize)
     ckpt = open_checkpoint(resolve_path(path_or_id))
     try:
         cfg = QwenConfig.from_dict(ckpt.config)
@@ -74,12 +81,17 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
         from tqdm import tqdm
 
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
-    load_tensors(model, tensors, ckpt.source)
+    on_load = QuantizeOnLoad(model, quantize) if quantize and adapter is None else None
+    load_tensors(model, tensors, ckpt.source, on_filled=on_load)
     model.source = ckpt.source
     if adapter is not None:
         from .train.lora import apply_adapter
 
         apply_adapter(model, adapter, merge=True)
+    if on_load is not None:
+        on_load.finish()
+    elif quantize:
+        quantize_model(model, quantize)
     return model.eval()
 
 

@@ -160,3 +160,23 @@ def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
     y = lin(torch.randn(4, 200, requires_grad=True))
     y.sum().backward()
     assert lin.weight.grad is not None and lin.weight.grad.shape == (75, 200)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2-tied"])
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantize_on_load_equals_quantize_after_load(tmp_path, arch, scheme):
+    """load_model(quantize=...) swaps each layer as its weights arrive (the tied LM head at the
+    end) and gives exactly the model that quantize() makes from the full-precision load."""
+    from tiny import make_checkpoint
+
+    path = make_checkpoint(tmp_path / arch, arch)
+    ids = torch.tensor([[3, 17, 99, 5, 42]])
+    after = quantize(qwenkit.load_model(path, dtype=torch.float32), scheme)
+    on_load = qwenkit.load_model(path, dtype=torch.float32, quantize=scheme)
+    kinds = {type(m).__name__ for m in on_load.modules()}
+    assert "Linear" not in kinds and ("Int8Linear" if scheme == "int8" else "Int4Linear") in kinds
+    assert on_load.quantization == scheme
+    with torch.inference_mode():
+        assert torch.equal(on_load(ids), after(ids))
+    with pytest.raises(ValueError, match="unknown quantization 'int3'"):
+        qwenkit.load_model(path, quantize="int3")

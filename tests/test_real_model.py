@@ -114,3 +114,26 @@ def test_loading_bf16_peak_rss_under_goal(default_model_path):
     peak, weights = map(int, proc.stdout.split())
     print(f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of bf16 weights")
     assert peak < 2.5e9
+
+
+def test_loading_int8_never_holds_the_fp32_model(default_model_path):
+    """load_model(quantize="int8") swaps each layer as it loads: the peak stays below the bytes of
+    the full fp32 model, which loading then quantizing would hold whole (plus the int8 copies)."""
+    code = ("import re, torch, qwenkit; "
+            f"m = qwenkit.load_model({str(default_model_path)!r}, dtype=torch.float32, quantize='int8'); "
+            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024; "
+            "n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers() "
+            "if k.endswith('.weight')); "
+            "print(hwm, 4 * n)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    peak, fp32_bytes = map(int, proc.stdout.split())
+    print(f"int8 load: peak RSS {peak / 1e9:.2f} GB; the fp32 model is {fp32_bytes / 1e9:.2f} GB")
+    assert peak < fp32_bytes
+
+
+def test_cli_chat_quantized_int8_keeps_the_answer(default_model_path):
+    proc = _cli("chat", "--model", str(default_model_path), "--message", QUESTION, "--max-new-tokens", "8",
+                "--dtype", "fp32", "--quantize", "int8")
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "Paris"

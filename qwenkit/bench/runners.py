@@ -19,12 +19,9 @@ import torch
 class QwenkitRunner:
     def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
         import qwenkit
-        from ..model.quant import quantize
 
         self.device = device
-        self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype), device=device)
-        if quant:
-            quantize(self.model, quant)
+        self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype), device=device, quantize=quant)
         self.cache = None
 
     @torch.inference_mode()

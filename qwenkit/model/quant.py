@@ -1,6 +1,7 @@
 """Weight-only quantization applied from outside the model: int8 per channel, int4 per group.
 
-`quantize(model, "int8")` swaps every projection (qkv, o, gate_up, down, experts excluded) and
+`quantize(model, "int8")` (or `load_model(..., quantize="int8")`, which quantizes each layer as
+it loads) swaps every projection (qkv, o, gate_up, down, experts excluded) and
 the LM head for a module that keeps packed weights and calls torch's weight-only kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`). Decode at batch 1 is bound by reading
 weights, so halving (int8) or quartering (int4) the bytes read is what makes it faster. On an AVX2
@@ -23,10 +24,9 @@ class Int8Linear(nn.Module):
 
     def __init__(self, linear: nn.Linear):
         super().__init__()
-        w = linear.weight.detach().float()  # (N, K)
-        scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)  # (N,)
-        self.register_buffer("weight", torch.round(w / scales[:, None]).clamp(-127, 127).to(torch.int8))
-        self.register_buffer("scales", scales.to(linear.weight.dtype))
+        q, scales = _by_row_blocks(linear.weight, _int8_rows)
+        self.register_buffer("weight", q)  # (N, K) int8
+        self.register_buffer("scales", scales.to(linear.weight.dtype))  # (N,)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -63,20 +63,17 @@ class Int4Linear(nn.Module):
         N, K = linear.weight.shape
         if K % group_size:
             raise ValueError(f"in_features {K} is not a multiple of the int4 group size {group_size}")
-        w = linear.weight.detach().float().reshape(N, K // group_size, group_size)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-        scale = ((hi - lo) / 15).clamp(min=1e-8)  # (N, K/G, 1)
-        q = torch.round((w - lo) / scale).clamp(0, 15).to(torch.int32).reshape(N, K)
+        q, scale, lo = _by_row_blocks(linear.weight, lambda w: _int4_rows(w, group_size))  # (N, K), (N, K/G) x 2
         self.device_kind = linear.weight.device.type
         self.own_layout = self.device_kind == "cpu" and linear.weight.dtype == torch.float32 and group_size == 32
         if self.own_layout:
             self.register_buffer("qweight", cpu_kernels.pack_int4(q))  # (N, K/2) uint8
-            self.register_buffer("scales", scale[..., 0].contiguous())  # (N, K/32) fp32
-            self.register_buffer("mins", lo[..., 0].contiguous())  # (N, K/32) fp32
+            self.register_buffer("scales", scale)  # (N, K/32) fp32
+            self.register_buffer("mins", lo)  # (N, K/32) fp32
         else:
             zero = lo + 8 * scale  # torch's kernels compute (q - 8) * scale + zero
-            scale_zero = torch.cat([scale, zero], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
-            self.register_buffer("packed", _pack_int4(q, linear.weight.device))
+            scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
+            self.register_buffer("packed", _pack_int4(q.to(torch.int32), linear.weight.device))
             self.register_buffer("scale_zero", scale_zero.to(linear.weight.dtype))
         self.group_size = group_size
         self.bias = linear.bias
@@ -107,6 +104,30 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
+def _by_row_blocks(weight: torch.Tensor, quantize_rows, rows: int = 4096) -> list[torch.Tensor]:
+    """quantize_rows over blocks of `rows` rows of weight (as fp32), its outputs joined along rows:
+    the fp32 temporaries of quantizing a large matrix (the LM head) stay a block's size."""
+    weight = weight.detach()
+    parts = [quantize_rows(weight[i:i + rows].float()) for i in range(0, weight.shape[0], rows)]
+    return [torch.cat(p) for p in zip(*parts)]
+
+
+def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, K) fp32 -> int8 (n, K), scales (n,): symmetric, one scale per row."""
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12)
+    return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
+
+
+def _int4_rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, K) fp32 -> q uint8 (n, K) in 0..15, scale and minimum (n, K/group) fp32."""
+    n, K = w.shape
+    w = w.reshape(n, K // group_size, group_size)
+    lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
+    scale = ((hi - lo) / 15).clamp(min=1e-8)
+    q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(n, K)
+    return q, scale[..., 0], lo[..., 0]
+
+
 def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type == "cpu":
         return torch._convert_weight_to_int4pack_for_cpu(q, 1)
@@ -114,15 +135,53 @@ def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
     return torch._convert_weight_to_int4pack(uint8.to(device), 8)
 
 
+def _quantizable(module: nn.Module) -> bool:
+    return isinstance(module, nn.Linear) and module.out_features > 1  # not the shared-expert gate
+
+
 @torch.no_grad()
-def quantize(model, scheme: str = "int8", group_size: int = 32):
-    """Replace the model's dense projections and LM head in place; returns the model."""
+def _swap(model, name: str, scheme: str, group_size: int) -> None:
+    parent_name, _, attr = name.rpartition(".")
+    parent = model.get_submodule(parent_name)
+    linear = getattr(parent, attr)
+    setattr(parent, attr, Int8Linear(linear) if scheme == "int8" else Int4Linear(linear, group_size))
+
+
+def check_scheme(scheme: str) -> None:
     if scheme not in SCHEMES:
         raise ValueError(f"unknown quantization {scheme!r}; choose from {', '.join(SCHEMES)}")
-    for parent in list(model.modules()):
-        for name, child in list(parent.named_children()):
-            if isinstance(child, nn.Linear) and child.out_features > 1:  # not the shared-expert gate
-                new = Int8Linear(child) if scheme == "int8" else Int4Linear(child, group_size)
-                setattr(parent, name, new)
+
+
+def quantize(model, scheme: str = "int8", group_size: int = 32):
+    """Replace the model's dense projections and LM head in place; returns the model. Each fp32
+    weight is released as its layer is replaced, so this holds one layer's two copies at a time."""
+    check_scheme(scheme)
+    for name in [name for name, m in model.named_modules() if _quantizable(m)]:  # names, not modules
+        _swap(model, name, scheme, group_size)
     model.quantization = scheme
     return model
+
+
+class QuantizeOnLoad:
+    """`load_tensors`' on_filled callback: quantizes each projection as soon as its weight (and
+    bias) are loaded, so loading never holds the whole model in full precision. `finish()`
+    quantizes what no checkpoint tensor completes (an LM head tied to the embedding)."""
+
+    def __init__(self, model, scheme: str, group_size: int = 32):
+        check_scheme(scheme)
+        self.model, self.scheme, self.group_size = model, scheme, group_size
+        self.pending = {name: {f"{name}.{p}" for p, _ in m.named_parameters()}
+                        for name, m in model.named_modules() if _quantizable(m)}
+        self.owner = {pname: name for name, pnames in self.pending.items() for pname in pnames}
+
+    def __call__(self, pname: str) -> None:
+        name = self.owner.get(pname)
+        if name is None:
+            return
+        self.pending[name].discard(pname)
+        if not self.pending[name]:
+            del self.pending[name]
+            _swap(self.model, name, self.scheme, self.group_size)
+
+    def finish(self):
+        return quantize(self.model, self.scheme, self.group_size)

@@ -48,9 +48,14 @@ def target(name: str, cfg) -> tuple[str, Slicer]:
 
 
 @torch.no_grad()
-def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source: str) -> None:
-    """Copy checkpoint tensors into the model's (already allocated) parameters, checking everything."""
+def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source: str,
+                 on_filled: Callable[[str], None] | None = None) -> None:
+    """Copy checkpoint tensors into the model's (already allocated) parameters, checking everything.
+
+    `on_filled(name)` runs as each parameter becomes complete; by then this loop holds no reference
+    to it, so the callback may replace its module (quantize on load) and let its storage go."""
     params = dict(model.named_parameters(remove_duplicate=False))
+    sizes = {pname: p.numel() for pname, p in params.items()}
     tied = model.config.tie_word_embeddings
     filled: dict[str, int] = {}
     seen: set[str] = set()
@@ -61,8 +66,10 @@ def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source
             raise CheckpointError(f"{file}: tensor {name} appears twice")
         seen.add(name)
         pname, slicer = target(name, model.config)
-        if pname not in params:
+        if pname not in sizes:
             raise CheckpointError(f"{file}: unexpected tensor {name} (the model has no parameter {pname})")
+        if pname not in params:
+            raise CheckpointError(f"{file}: tensor {name} writes {pname} again after it was complete")
         dest = slicer(params[pname])
         if tuple(dest.shape) != tuple(tensor.shape):
             raise CheckpointError(
@@ -73,14 +80,18 @@ def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source
         else:
             dest.copy_(tensor)
         filled[pname] = filled.get(pname, 0) + dest.numel()
-    _check_complete(params, filled, source, tied)
+        if filled[pname] == sizes[pname]:
+            del params[pname], dest
+            if on_filled is not None:
+                on_filled(pname)
+    _check_complete(sizes, filled, source, tied)
 
 
-def _check_complete(params, filled, source, tied) -> None:
-    for pname, p in params.items():
+def _check_complete(sizes, filled, source, tied) -> None:
+    for pname, size in sizes.items():
         if tied and pname == "lm_head.weight":
             continue
         got = filled.get(pname, 0)
-        if got != p.numel():
-            what = "missing" if got == 0 else f"only partly present ({got} of {p.numel()} values)"
+        if got != size:
+            what = "missing" if got == 0 else f"only partly present ({got} of {size} values)"
             raise CheckpointError(f"{source}: tensor for {pname} is {what}")

@@ -156,6 +156,8 @@ def parser(prog: str):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="default auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
+                   help="weight-only int8 (per channel) or int4 (groups of 32) projections, made while loading")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
@@ -194,7 +196,7 @@ def load(args):
         from ..engine.tensor_parallel import load_sharded_model
 
         return load_sharded_model(args.model, dtype, device, args.tensor_parallel_size), tokenizer
-    return load_model(args.model, dtype, device), tokenizer
+    return load_model(args.model, dtype, device, quantize=args.quantize), tokenizer
 
 
 def main(argv: list[str], prog: str = "qwenkit serve") -> int:
@@ -205,7 +207,10 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
 
     from ..engine.engine import Engine
 
-    args = parser(prog).parse_args(argv)
+    cli = parser(prog)
+    args = cli.parse_args(argv)
+    if args.quantize and args.tensor_parallel_size > 1:
+        cli.error("--quantize does not combine with --tensor-parallel-size > 1")
     model, tokenizer = load(args)
     engine = Engine(model, engine_settings(args), tokenizer)
     if args.tensor_parallel_size > 1:
