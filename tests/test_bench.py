@@ -46,17 +46,20 @@ def test_bench_times_qwenkit_beside_transformers_and_names_every_peer_that_canno
 
     ckpt = make_checkpoint(tmp_path / "ckpt", "qwen2")
     out = tmp_path / "bench"
-    configs = "qwenkit:float32,qwenkit:float32:int8,transformers:float32,llama.cpp:gguf"
+    configs = "qwenkit:float32,qwenkit:float32:int8,qwenkit:float32:bf16,transformers:float32,llama.cpp:gguf,llama.cpp:bf16"
     proc = subprocess.run([sys.executable, "-m", "qwenkit.cli", "bench", "--model", str(ckpt), "--configs", configs,
                            "--prompt-len", "24", "--new-tokens", "6", "--batch", "2", "--repeats", "1", "--threads", "1",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     res = json.loads((out / "bench.json").read_text())
     ours, ref = res["configs"]["qwenkit:float32"], res["configs"]["transformers:float32"]
-    for r in (ours, ref, res["configs"]["qwenkit:float32:int8"]):
+    for r in (ours, ref, res["configs"]["qwenkit:float32:int8"], res["configs"]["qwenkit:float32:bf16"]):
         assert r["prefill_tok_s"] > 0 and r["decode_b1_tok_s"] > 0 and r["decode_b2_tok_s"] > 0 and r["peak_rss_bytes"] > 0
     assert ours["greedy_tokens"] == ref["greedy_tokens"] and len(ours["greedy_tokens"]) == 7
     assert ".gguf" in res["configs"]["llama.cpp:gguf"]["error"]
+    assert ".gguf" in res["configs"]["llama.cpp:bf16"]["error"]
+    # bf16 matrices read half of fp32's bytes (norms and biases stay fp32)
+    assert 0.5 < res["configs"]["qwenkit:float32:bf16"]["weight_bytes_per_token"] / ours["weight_bytes_per_token"] < 0.52
     assert "qwenkit:float32" in res["bounds"] and res["bounds"]["qwenkit:float32"]["decode_bound_tok_s"] > 0
     assert "not run" in proc.stdout and "vs transformers:float32" in proc.stdout
     assert "transformers:float32     vs qwenkit:float32: all 7 equal" in proc.stdout

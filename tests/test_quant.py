@@ -1,5 +1,6 @@
-"""Weight-only int8 / int4 quantization: kernels against a dequantized reference, and the default
-model's quality held (perplexity within 2% / 8% of bf16; int8 keeps the greedy answer)."""
+"""Weight-only int8 / int4 / bf16 layers: kernels against a dequantized reference, and the default
+model's quality held (perplexity within 2% / 8% / 1% of the unquantized model; int8 and bf16 keep the
+greedy answer)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import torch
 from torch import nn
 
 import qwenkit
-from qwenkit.model.quant import Int4Linear, Int8Linear, quantize
+from qwenkit.model.quant import Bf16Linear, Int4Linear, Int8Linear, quantize
 
 TEXT = """The river ran low that summer, and the children of the village walked its dry bed looking for
 stones that shone. Their grandmother said the water would come back with the autumn rains, as it always
@@ -34,7 +35,7 @@ fixes carbon in the stroma."""
 
 @pytest.mark.parametrize("rows", [1, 6, 16, 40])  # fp32: <= 16 rows take qwenkit's GEMV, more the GEMM
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-@pytest.mark.parametrize("cls,tol", [(Int8Linear, 0.02), (Int4Linear, 0.12)])
+@pytest.mark.parametrize("cls,tol", [(Int8Linear, 0.02), (Int4Linear, 0.12), (Bf16Linear, 0.01)])
 def test_quantized_linear_matches_float(cls, tol, dtype, rows):
     torch.manual_seed(0)
     linear = nn.Linear(256, 112, bias=True).to(dtype)
@@ -93,6 +94,11 @@ def test_cpu_gemv_kernels_equal_the_dequantized_product():
         want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
         assert not got.isnan().any()
+    for K in (96, 200):  # bf16 weights, widened in registers: x @ W.float()^T to fp32 rounding
+        w = torch.randn(37, K).to(torch.bfloat16)
+        for m in range(1, 17):
+            x = torch.randn(m, K)
+            assert torch.allclose(cpu_kernels.f32_gemv(x, w, bias), x @ w.float().T + bias, atol=1e-4, rtol=1e-4)
     with pytest.raises(ValueError, match="1 to 16 rows"):
         cpu_kernels.int8_gemv(torch.randn(17, 96), q8.weight[:, :96].contiguous(), q8.scales, None)
 
@@ -120,7 +126,7 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
         [{"role": "user", "content": "What is the capital of France? Answer in one word."}], tokenize=True)
     ppl, answers = {}, {}
     for dtype in (torch.bfloat16, torch.float32):
-        for scheme in ("none", "int8", "int4"):
+        for scheme in ("none", "int8", "int4") + (("bf16",) if dtype == torch.float32 else ()):
             model = qwenkit.load_model(default_model_path, dtype=dtype)
             if scheme != "none":
                 quantize(model, scheme)
@@ -138,6 +144,10 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
     assert ppl["float32", "int8", "decode"] <= ppl["float32", "none", "decode"] * 1.02
     assert ppl["float32", "int4", "decode"] <= ppl["float32", "none", "decode"] * 1.08
     assert ppl["float32", "none", "decode"] == pytest.approx(ppl["float32", "none"], rel=1e-3)
+    # bf16 weights under fp32 arithmetic: bf16's rounding of the weights only
+    assert ppl["float32", "bf16"] == pytest.approx(ppl["float32", "none"], rel=0.01)
+    assert ppl["float32", "bf16", "decode"] == pytest.approx(ppl["float32", "none"], rel=0.01)
+    assert answers["float32", "bf16"] == "Paris"
 
 
 def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
@@ -163,7 +173,7 @@ def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-tied"])
-@pytest.mark.parametrize("scheme", ["int8", "int4"])
+@pytest.mark.parametrize("scheme", ["int8", "int4", "bf16"])
 def test_quantize_on_load_equals_quantize_after_load(tmp_path, arch, scheme):
     """load_model(quantize=...) swaps each layer as its weights arrive (the tied LM head at the
     end) and gives exactly the model that quantize() makes from the full-precision load."""
@@ -174,7 +184,7 @@ def test_quantize_on_load_equals_quantize_after_load(tmp_path, arch, scheme):
     after = quantize(qwenkit.load_model(path, dtype=torch.float32), scheme)
     on_load = qwenkit.load_model(path, dtype=torch.float32, quantize=scheme)
     kinds = {type(m).__name__ for m in on_load.modules()}
-    assert "Linear" not in kinds and ("Int8Linear" if scheme == "int8" else "Int4Linear") in kinds
+    assert "Linear" not in kinds and {"int8": "Int8Linear", "int4": "Int4Linear", "bf16": "Bf16Linear"}[scheme] in kinds
     assert on_load.quantization == scheme
     with torch.inference_mode():
         assert torch.equal(on_load(ids), after(ids))

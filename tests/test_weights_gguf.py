@@ -353,3 +353,24 @@ def test_default_model_file():
     assert len(names) == 291 == len(set(names))
     first = next(ckpt.tensors())
     assert first[0] == "lm_head.weight" and first[1].shape == (151936, 896)
+
+
+def test_bench_bf16_copy_has_the_files_weights_rounded_to_bf16(qwen2_file, tmp_path, monkeypatch):
+    """The bf16 GGUF llama.cpp runs in `qwenkit bench`: every matrix is the source's, dequantized and
+    rounded to bf16 as torch rounds it; vectors stay fp32; the config reads back the same."""
+    import torch
+
+    from qwenkit.bench.exports import bf16_gguf_for
+
+    monkeypatch.setenv("QWENKIT_HOME", str(tmp_path / "home"))
+    path, _, _ = qwen2_file
+    copy = bf16_gguf_for(str(path))
+    assert copy.name == "tiny-qwen2-bf16.gguf" and bf16_gguf_for(str(path)) == copy  # cached
+    types = {t.name: t.tensor_type for t in GGUFReader(copy).tensors}
+    assert types["output.weight"] == Q.BF16 and types["blk.0.ffn_down.weight"] == Q.BF16
+    assert types["output_norm.weight"] == Q.F32 and types["blk.0.attn_q.bias"] == Q.F32
+    (src, want), (dst, got) = read(path), read(copy)
+    assert dst.config == src.config and want.keys() == got.keys()
+    for name, t in want.items():
+        expect = t.float().to(torch.bfloat16).float() if t.dim() >= 2 else t.float()
+        assert torch.equal(got[name].float(), expect), name

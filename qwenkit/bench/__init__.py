@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 
 DEFAULT_CONFIGS = ("qwenkit:bfloat16,qwenkit:bfloat16:int8,qwenkit:bfloat16:int4,qwenkit:float32,"
-                   "qwenkit:float32:int8,qwenkit:float32:int4,transformers:bfloat16,transformers:float32,"
-                   "llama.cpp:gguf,vllm:bfloat16,vllm:float32")
+                   "qwenkit:float32:bf16,qwenkit:float32:int8,qwenkit:float32:int4,transformers:bfloat16,"
+                   "transformers:float32,llama.cpp:bf16,llama.cpp:gguf,vllm:bfloat16,vllm:float32")
 
 
 def parse_config(text: str) -> dict:
@@ -30,6 +30,13 @@ def run_config(spec: dict, timeout: int) -> dict:
         from .vllm_peer import run_vllm
 
         return run_vllm(spec, timeout)
+    if spec["peer"] == "llama.cpp" and spec["dtype"] == "bf16":
+        from .exports import bf16_gguf_for
+
+        try:  # made here, not in the timed process, so its memory is not the peer's
+            spec = {**spec, "path": str(bf16_gguf_for(spec["path"]))}
+        except (ValueError, OSError) as e:
+            return {"error": f"no bf16 GGUF: {e}"}
     cmd = [sys.executable, "-m", "qwenkit.bench.runners", json.dumps(spec)]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
@@ -103,7 +110,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     p.add_argument("--model", default=DEFAULT_MODEL, help="model path or id (a .gguf lets llama.cpp run too)")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
-                   help="comma-separated peer:dtype[:quant] (peers: qwenkit, transformers, llama.cpp, vllm)")
+                   help="comma-separated peer:dtype[:quant] (peers: qwenkit, transformers, llama.cpp, vllm); "
+                        "qwenkit quant: int8, int4, bf16 (bf16 weights, fp32 arithmetic); llama.cpp dtype: "
+                        "gguf (the file as it is) or bf16 (a bf16 copy of it)")
     p.add_argument("--prompt-len", type=int, default=512)
     p.add_argument("--new-tokens", type=int, default=128)
     p.add_argument("--batch", type=int, default=8)

@@ -53,13 +53,22 @@ def render(results: dict) -> str:
     return "\n".join(lines)
 
 
+def counterpart(name: str) -> str:
+    """The qwenkit config holding the same weights in the same precision as config `name`: a
+    peer's dtype; bf16 weights under fp32 arithmetic for llama.cpp's bf16 GGUF; int4 for the
+    (4-bit) GGUF file as it is; a quantized qwenkit config against its unquantized dtype."""
+    peer, dtype, *_ = name.split(":")
+    if peer == "llama.cpp":
+        return "qwenkit:float32:" + ("bf16" if dtype == "bf16" else "int4")
+    return "qwenkit:" + dtype
+
+
 def agreement(results: dict) -> str:
-    """Whether each config's batch-1 greedy tokens equal qwenkit's in the same dtype (fp32 for GGUF)."""
+    """Whether each config's batch-1 greedy tokens equal its qwenkit counterpart's."""
     ok = {n: r for n, r in results["configs"].items() if "error" not in r and "greedy_tokens" in r}
-    lines = ["greedy tokens (batch 1) against qwenkit in the same dtype:"]
+    lines = ["greedy tokens (batch 1) against qwenkit on the same weights:"]
     for name, r in ok.items():
-        dtype = name.split(":")[1]
-        ref_name = "qwenkit:" + (dtype if dtype in ("float32", "bfloat16", "float16") else "float32")
+        ref_name = counterpart(name)
         ref = ok.get(ref_name)
         if ref is None or name == ref_name:
             continue
@@ -76,16 +85,17 @@ def ratios(results: dict) -> str:
     peers = {n: r for n, r in ok.items() if not n.startswith("qwenkit:")}
     if not ours or not peers:
         return "(no peer ran: no ratios)"
-    lines = ["ratios, qwenkit in the peer's dtype (and the best qwenkit config) / peer; >1: qwenkit ahead"]
+    lines = ["ratios, qwenkit on the peer's weights in its precision (and the best qwenkit config) / peer; "
+             ">1: qwenkit ahead"]
     for key, label in columns(results.get("batch", 8))[:4]:
         lower_better = key == "ttft_s"
         pick = min if lower_better else max
         best = pick(ours.values(), key=lambda r: r[key])
         f = (lambda a, b: b / a) if lower_better else (lambda a, b: a / b)
         for pname, pr in peers.items():
-            same = ours.get("qwenkit:" + pname.split(":")[1])
-            base = f"{f(same[key], pr[key]):.2f}x" if same else "-"
-            lines.append(f"  {label:14s} vs {pname:24s} same dtype {base:>7s}   best {f(best[key], pr[key]):.2f}x")
+            same = ours.get(counterpart(pname))
+            base = f"{f(same[key], pr[key]):.2f}x ({counterpart(pname).removeprefix('qwenkit:')})" if same else "-"
+            lines.append(f"  {label:14s} vs {pname:24s} like for like {base:>22s}   best {f(best[key], pr[key]):.2f}x")
     return "\n".join(lines)
 
 

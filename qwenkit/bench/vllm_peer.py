@@ -5,39 +5,18 @@ dequantized once into an HF-format directory beside the qwenkit cache."""
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import subprocess
 import tempfile
 from pathlib import Path
 
+from .exports import hf_dir_for
+
 
 def vllm_python() -> str | None:
     python = os.environ.get("QWENKIT_VLLM_PYTHON") or ".venv-vllm/bin/python"
     return python if os.path.exists(python) else None
-
-
-def hf_dir_for(path: str) -> Path:
-    """An HF-format directory holding `path`'s weights (the path itself when it is one)."""
-    p = Path(path)
-    if p.is_dir():
-        return p
-    from ..weights.hub import qwenkit_home
-
-    out = qwenkit_home() / "bench" / f"{p.stem}-hf"
-    if (out / "config.json").is_file():
-        return out
-    import torch
-
-    import qwenkit
-    from ..train.export import export_hf
-
-    model = qwenkit.load_model(p, dtype=torch.float32)  # dequantized once, exactly the other peers' weights
-    export_hf(model, out)  # atomic: a temporary directory, then a rename
-    del model
-    gc.collect()
-    return out
 
 
 def run_vllm(spec: dict, timeout: int) -> dict:

@@ -218,6 +218,52 @@ int qk_f32_gemv(const float *x, const float *w, const float *bias, float *y, int
     return 0;
 }
 
+// bf16 weights (the top 16 bits of an fp32), 1..16 rows of fp32 x: half of fp32's bytes, widened
+// to fp32 in registers by a shift, so CPUs without native bf16 arithmetic read bf16 checkpoints
+// at bf16's bandwidth and compute in fp32.
+static inline __m256 bf16x8(const uint16_t *p) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16));
+}
+
+static inline float bf16_to_f32(uint16_t h) {
+    union { uint32_t u; float f; } v = {(uint32_t)h << 16};
+    return v.f;
+}
+
+static inline __attribute__((always_inline)) void row_block_bf16(const float *x, const uint16_t *wr, float *out,
+                                                                 int64_t K, const int MB) {
+    __m256 a0[4], a1[4];
+    for (int m = 0; m < MB; m++) a0[m] = a1[m] = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        __m256 w0 = bf16x8(wr + k), w1 = bf16x8(wr + k + 8);
+        for (int m = 0; m < MB; m++) {
+            a0[m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[m]);
+            a1[m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[m]);
+        }
+    }
+    for (int m = 0; m < MB; m++) {
+        float total = hsum(_mm256_add_ps(a0[m], a1[m]));
+        for (int64_t j = k; j < K; j++) total += x[m * K + j] * bf16_to_f32(wr[j]);
+        out[m] = total;
+    }
+}
+
+int qk_bf16_gemv(const float *x, const uint16_t *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
+                 int threads) {
+    if (M < 1 || M > MAX_ROWS) return -1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++) {
+        const uint16_t *wr = w + n * K;
+        float out[MAX_ROWS];
+#define BLOCK(m0, MB) row_block_bf16(x + (m0) * K, wr, out + (m0), K, MB)
+        FOR_ROW_BLOCKS(M, BLOCK)
+#undef BLOCK
+        for (int64_t m = 0; m < M; m++) y[m * N + n] = out[m] + (bias ? bias[n] : 0.0f);
+    }
+    return 0;
+}
+
 // The weights back in fp32, for prefill's GEMM: w (N, K) int8 with per-row scales s, or packed
 // int4 with per-group scales and minimums as above -> out (N, K) fp32. One pass, rows across threads.
 int qk_int8_dequant(const int8_t *w, const float *s, float *out, int64_t N, int64_t K, int threads) {

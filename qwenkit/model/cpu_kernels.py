@@ -54,6 +54,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_int8_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.qk_int4_dequant.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qk_bf16_gemv.restype = ctypes.c_int
+    lib.qk_bf16_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     return lib
 
 
@@ -129,16 +131,16 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
 
 
 def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) fp32 contiguous -> (M, N) fp32."""
+    """x (M, K) fp32 with M <= MAX_ROWS, weight (N, K) fp32 or bf16, contiguous -> (M, N) fp32."""
     lib = kernels()
     x = x.contiguous()
     M, K = x.shape
     N = weight.shape[0]
     y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.qk_f32_gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-                         M, N, K, torch.get_num_threads())
-    if rc != 0:
-        raise ValueError(f"fp32 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
+    gemv = lib.qk_bf16_gemv if weight.dtype == torch.bfloat16 else lib.qk_f32_gemv
+    rc = gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
+              M, N, K, torch.get_num_threads())
+    _check(rc, f"the {weight.dtype} GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y
 
 

@@ -1,12 +1,14 @@
-"""Weight-only quantization applied from outside the model: int8 per channel, int4 per group.
+"""Weight-only quantization applied from outside the model: int8 per channel, int4 per group, and
+bf16 weights under fp32 arithmetic.
 
 `quantize(model, "int8")` (or `load_model(..., quantize="int8")`, which quantizes each layer as
 it loads) swaps every projection (qkv, o, gate_up, down, experts excluded) and
 the LM head for a module that keeps packed weights and calls torch's weight-only kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`). Decode at batch 1 is bound by reading
-weights, so halving (int8) or quartering (int4) the bytes read is what makes it faster. On an AVX2
-CPU, fp32 int8 calls of up to 16 rows (decode) go to qwenkit's own GEMV (`cpu_kernels.c`), which
-streams the int8 weights once; longer inputs (prefill) dequantize W once and use the fp32 GEMM.
+weights, so halving (bf16, int8) or quartering (int4) the bytes read is what makes it faster. On an
+AVX2 CPU, fp32 calls of up to 16 rows (decode) go to qwenkit's own GEMVs (`cpu_kernels.c`), which
+stream the weights once (int8/int4 multiply in integers against x quantized to int8 blocks; bf16
+is widened in registers); longer inputs (prefill) dequantize W once and use the fp32 GEMM.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from torch import nn
 
 from . import cpu_kernels
 
-SCHEMES = ("int8", "int4")
+SCHEMES = ("int8", "int4", "bf16")
 
 
 class Int8Linear(nn.Module):
@@ -50,6 +52,27 @@ class Int8Linear(nn.Module):
         y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
         y = y.reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias
+
+
+class Bf16Linear(nn.Module):
+    """y = x W^T (+ b) with W stored in bf16 and x in the model's dtype (fp32 on a CPU without
+    native bf16 arithmetic, where torch's bf16 matmul crawls): half of fp32's bytes per decode
+    step, fp32 arithmetic. Decode (<= 16 rows) runs qwenkit's bf16 GEMV; prefill widens W to
+    fp32 once per call for the GEMM."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        self.bias = linear.bias
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows = x.numel() // x.shape[-1]
+        if (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
+                and rows <= cpu_kernels.MAX_ROWS and cpu_kernels.kernels() is not None):
+            bias = None if self.bias is None else self.bias.detach().float().contiguous()
+            return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, bias).reshape(*x.shape[:-1], -1)
+        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -144,7 +167,13 @@ def _swap(model, name: str, scheme: str, group_size: int) -> None:
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, attr)
-    setattr(parent, attr, Int8Linear(linear) if scheme == "int8" else Int4Linear(linear, group_size))
+    if scheme == "int8":
+        new = Int8Linear(linear)
+    elif scheme == "int4":
+        new = Int4Linear(linear, group_size)
+    else:
+        new = Bf16Linear(linear)
+    setattr(parent, attr, new)
 
 
 def check_scheme(scheme: str) -> None:
