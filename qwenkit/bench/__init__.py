@@ -69,7 +69,7 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
     path = str(resolve_path(args.model))
     vocab_size = _vocab_size(path)
     results = {"model": args.model, "path_name": Path(path).name, "batch": args.batch,
-               "probe_before": probe(), "configs": {}}
+               "probe_before": probe(args.device), "configs": {}}
     slow_bf16 = _slow_bf16(results["probe_before"], args.device)
     for text in args.configs.split(","):
         spec = {**parse_config(text), "path": path, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
@@ -79,7 +79,7 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
             continue
         print(f"[bench] {text} ...", file=sys.stderr, flush=True)
         results["configs"][text] = run_config(spec, args.timeout)
-    results["probe_after"] = probe()
+    results["probe_after"] = probe(args.device)
     print(render(results))
     save(results, Path(args.out))
     return 0

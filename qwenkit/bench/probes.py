@@ -12,40 +12,49 @@ import time
 import torch
 
 
-def _median_time(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+def _timed(fn, device: torch.device) -> float:
+    """Seconds for one call, waiting for the device to finish (CUDA runs asynchronously)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync()
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    return time.perf_counter() - t0
 
 
-def read_bandwidth(gib: float = 1.0, repeats: int = 7) -> float:
+def _median_time(fn, repeats: int, device: torch.device) -> float:
+    _timed(fn, device)  # warm-up
+    return statistics.median(_timed(fn, device) for _ in range(repeats))
+
+
+def read_bandwidth(gib: float = 1.0, repeats: int = 7, device="cpu") -> float:
     """Bytes per second for summing a buffer far larger than the caches (all threads)."""
-    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32)
-    seconds = _median_time(lambda: x.sum(), repeats)
+    device = torch.device(device)
+    x = torch.ones(int(gib * 2**30) // 4, dtype=torch.float32, device=device)
+    seconds = _median_time(lambda: x.sum(), repeats, device)
     return x.numel() * 4 / seconds
 
 
-def gemm_peak(n: int = 2048, dtype=torch.bfloat16, repeats: int = 5, budget_s: float = 0.2) -> float:
+def gemm_peak(n: int = 2048, dtype=torch.bfloat16, repeats: int = 5, budget_s: float = 0.2, device="cpu") -> float:
     """FLOP/s of a square matrix multiply in `dtype`, n at most `n`: the size doubles from 256
     while one multiply takes under `budget_s` (a dtype without a native kernel stays small)."""
+    device = torch.device(device)
     size = min(256, n)
     while size < n:
-        a = torch.randn(size, size).to(dtype)
-        t0 = time.perf_counter()
-        a @ a
-        if time.perf_counter() - t0 > budget_s / 8:  # the next doubling costs 8x
+        a = torch.randn(size, size, device=device).to(dtype)
+        if _timed(lambda: a @ a, device) > budget_s / 8:  # the next doubling costs 8x
             break
         size *= 2
-    a, b = torch.randn(size, size).to(dtype), torch.randn(size, size).to(dtype)
-    seconds = _median_time(lambda: a @ b, repeats)
+    a, b = (torch.randn(size, size, device=device).to(dtype) for _ in range(2))
+    seconds = _median_time(lambda: a @ b, repeats, device)
     return 2 * size**3 / seconds
 
 
-def probe() -> dict:
-    # n=1024 keeps the probe short even where bf16 has no native kernel (~1 GFLOP/s there).
-    return {"read_GBps": read_bandwidth() / 1e9, "bf16_gemm_GFLOPs": gemm_peak(1024) / 1e9,
-            "fp32_gemm_GFLOPs": gemm_peak(1024, torch.float32) / 1e9, "threads": torch.get_num_threads()}
+def probe(device: str = "cpu") -> dict:
+    """The bounds of `device` (a GPU gets a larger buffer and matrices to leave its caches and
+    fill its cores); on a CPU n=1024 keeps the probe short where bf16 has no native kernel."""
+    big = torch.device(device).type == "cuda"
+    gib, n = (4.0, 8192) if big else (1.0, 1024)
+    return {"read_GBps": read_bandwidth(gib, device=device) / 1e9, "bf16_gemm_GFLOPs": gemm_peak(n, device=device) / 1e9,
+            "fp32_gemm_GFLOPs": gemm_peak(n, torch.float32, device=device) / 1e9, "threads": torch.get_num_threads(),
+            "device": device}
