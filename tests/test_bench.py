@@ -63,3 +63,30 @@ def test_bench_times_qwenkit_beside_transformers_and_names_every_peer_that_canno
     assert "qwenkit:float32" in res["bounds"] and res["bounds"]["qwenkit:float32"]["decode_bound_tok_s"] > 0
     assert "not run" in proc.stdout and "vs transformers:float32" in proc.stdout
     assert "transformers:float32     vs qwenkit:float32: all 7 equal" in proc.stdout
+
+
+def test_bench_random_weights_of_a_given_shape_are_made_once_and_run(tmp_path, monkeypatch):
+    """`--model random:SHAPE` (a preset name, or here a tiny config.json): one bf16 HF directory of
+    seeded random weights, cached, that `qwenkit bench` then times like any checkpoint."""
+    import json
+    import subprocess
+    import sys
+
+    from qwenkit.bench.exports import random_checkpoint
+
+    cfg = tmp_path / "tiny" / "config.json"
+    cfg.parent.mkdir()
+    cfg.write_text(json.dumps(_tiny().config.to_hf_dict()))
+    monkeypatch.setenv("QWENKIT_HOME", str(tmp_path / "home"))
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "qwenkit.cli", "bench", "--model", f"random:{cfg}", "--configs",
+                           "qwenkit:float32", "--prompt-len", "8", "--new-tokens", "2", "--batch", "2", "--repeats", "1",
+                           "--threads", "1", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert json.loads((out / "bench.json").read_text())["configs"]["qwenkit:float32"]["decode_b1_tok_s"] > 0
+    made = random_checkpoint(str(cfg))  # the directory the run made, found again
+    assert made.name == "random-tiny-bfloat16-seed0-hf"
+    model = qwenkit.load_model(made, dtype=torch.float32)
+    again = _tiny().to(torch.bfloat16).init_weights(seed=0)
+    assert json.loads((made / "config.json").read_text())["dtype"] == "bfloat16"
+    assert torch.equal(model.model.layers[1].mlp.down_proj.weight, again.model.layers[1].mlp.down_proj.weight.float())

@@ -83,14 +83,15 @@ def test_cpu_gemv_kernels_equal_the_dequantized_product():
     q = torch.randint(0, 16, (5, 64))
     assert torch.equal(cpu_kernels.unpack_int4(cpu_kernels.pack_int4(q)), q.to(torch.uint8))
     groups = cpu_kernels.unpack_int4(q4.qweight).float().reshape(37, 3, 32)
-    deq4 = (groups * q4.scales[..., None] + q4.mins[..., None]).reshape(37, 96)
+    assert q4.scales.dtype == q4.mins.dtype == torch.float16
+    deq4 = (groups * q4.scales.float()[..., None] + q4.mins.float()[..., None]).reshape(37, 96)
     assert torch.allclose(q4.dequantized(), deq4, atol=1e-6)
     for m in range(1, 17):
         x = torch.randn(m, 96)
         x[0, :32] = 0.0  # an all-zero block quantizes to zeros, not NaN
         got = cpu_kernels.int4_gemv(x, q4.qweight, q4.scales, q4.mins, None)
         # the minimum term multiplies the exact block sums of x, the rest its int8 blocks
-        mins = q4.mins.repeat_interleave(32, dim=1)
+        mins = q4.mins.float().repeat_interleave(32, dim=1)
         want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
         assert not got.isnan().any()

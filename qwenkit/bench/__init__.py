@@ -66,7 +66,12 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
     import torch
 
     torch.set_num_threads(args.threads)
-    path = str(resolve_path(args.model))
+    if args.model.startswith("random:"):
+        from .exports import random_checkpoint
+
+        path = str(random_checkpoint(args.model.removeprefix("random:")))
+    else:
+        path = str(resolve_path(args.model))
     vocab_size = _vocab_size(path)
     results = {"model": args.model, "path_name": Path(path).name, "batch": args.batch,
                "probe_before": probe(args.device), "configs": {}}
@@ -108,7 +113,9 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     from ..weights.hub import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL, help="model path or id (a .gguf lets llama.cpp run too)")
+    p.add_argument("--model", default=DEFAULT_MODEL,
+                   help="model path or id (a .gguf lets llama.cpp run too), or random:PRESET (e.g. random:qwen2.5-7b) "
+                        "for random bf16 weights of that shape, made once and shared by every peer")
     p.add_argument("--configs", default=DEFAULT_CONFIGS,
                    help="comma-separated peer:dtype[:quant] (peers: qwenkit, transformers, llama.cpp, vllm); "
                         "qwenkit quant: int8, int4, bf16 (bf16 weights, fp32 arithmetic); llama.cpp dtype: "

@@ -77,3 +77,29 @@ def bf16_gguf_for(path: str) -> Path:
         if tmp.exists():
             tmp.unlink()
     return out
+
+
+def random_checkpoint(shape: str, dtype: str = "bfloat16", seed: int = 0) -> Path:
+    """`qwenkit bench --model random:SHAPE`: an HF-format directory of random weights (normal,
+    std 0.02, seed 0) in the shape of preset SHAPE (e.g. qwen2.5-7b) or of a config.json file,
+    for sizes whose real weights are not at hand; every peer then loads the same numbers."""
+    import json
+
+    import torch
+
+    from ..config import QwenConfig
+    from ..loader import build_model
+    from ..presets import get_preset
+    from ..train.export import export_hf
+
+    src = Path(shape)
+    cfg = QwenConfig.from_dict(json.loads(src.read_text())) if src.is_file() else get_preset(shape)
+    name = src.parent.name if src.is_file() else shape
+    out = _bench_home() / f"random-{name}-{dtype}-seed{seed}-hf"
+    if (out / "config.json").is_file():
+        return out
+    model = build_model(cfg, getattr(torch, dtype)).init_weights(seed=seed)
+    export_hf(model, out)
+    del model
+    gc.collect()
+    return out

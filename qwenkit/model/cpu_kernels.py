@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC", "-lm"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_ROWS = 16  # rows of x one int8 GEMV call takes (the C side's MAX_ROWS)
 _why: list[str] = []
 
@@ -118,7 +118,7 @@ def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
               bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) fp32, M <= MAX_ROWS; packed (N, K/2) from pack_int4; scales, mins (N, K/32) fp32."""
+    """x (M, K) fp32, M <= MAX_ROWS; packed (N, K/2) from pack_int4; scales, mins (N, K/32) fp16."""
     lib = kernels()
     x = x.contiguous()
     M, K = x.shape
@@ -153,7 +153,7 @@ def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
 
 
 def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """packed (N, K/2) from pack_int4, scales and mins (N, K/32) fp32 -> (N, K) fp32."""
+    """packed (N, K/2) from pack_int4, scales and mins (N, K/32) fp16 -> (N, K) fp32."""
     N, K = packed.shape[0], packed.shape[1] * 2
     out = torch.empty(N, K, dtype=torch.float32)
     kernels().qk_int4_dequant(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), out.data_ptr(), N, K,

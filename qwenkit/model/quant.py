@@ -86,13 +86,14 @@ class Int4Linear(nn.Module):
         N, K = linear.weight.shape
         if K % group_size:
             raise ValueError(f"in_features {K} is not a multiple of the int4 group size {group_size}")
-        q, scale, lo = _by_row_blocks(linear.weight, lambda w: _int4_rows(w, group_size))  # (N, K), (N, K/G) x 2
         self.device_kind = linear.weight.device.type
         self.own_layout = self.device_kind == "cpu" and linear.weight.dtype == torch.float32 and group_size == 32
+        params = torch.float16 if self.own_layout else torch.float32  # fp16 scales: 5 bits a weight, not 6
+        q, scale, lo = _by_row_blocks(linear.weight, lambda w: _int4_rows(w, group_size, params))  # (N, K), (N, K/G) x 2
         if self.own_layout:
             self.register_buffer("qweight", cpu_kernels.pack_int4(q))  # (N, K/2) uint8
-            self.register_buffer("scales", scale)  # (N, K/32) fp32
-            self.register_buffer("mins", lo)  # (N, K/32) fp32
+            self.register_buffer("scales", scale)  # (N, K/32) fp16
+            self.register_buffer("mins", lo)  # (N, K/32) fp16
         else:
             zero = lo + 8 * scale  # torch's kernels compute (q - 8) * scale + zero
             scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
@@ -107,7 +108,8 @@ class Int4Linear(nn.Module):
         if cpu_kernels.kernels() is not None:
             return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins)
         q = cpu_kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        return (q * self.scales[..., None] + self.mins[..., None]).reshape(self.out_features, self.in_features)
+        scales, mins = self.scales.float()[..., None], self.mins.float()[..., None]
+        return (q * scales + mins).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -141,13 +143,15 @@ def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.round(w / scales[:, None]).clamp_(-127, 127).to(torch.int8), scales
 
 
-def _int4_rows(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(n, K) fp32 -> q uint8 (n, K) in 0..15, scale and minimum (n, K/group) fp32."""
+def _int4_rows(w: torch.Tensor, group_size: int, params=torch.float32) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(n, K) fp32 -> q uint8 (n, K) in 0..15, scale and minimum (n, K/group) in `params`' dtype;
+    q is rounded against the scale and minimum as stored (fp16 rounds them first)."""
     n, K = w.shape
     w = w.reshape(n, K // group_size, group_size)
     lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)
-    scale = ((hi - lo) / 15).clamp(min=1e-8)
-    q = torch.round((w - lo) / scale).clamp_(0, 15).to(torch.uint8).reshape(n, K)
+    scale = ((hi - lo) / 15).clamp(min=6e-8).to(params)  # 6e-8: fp16's smallest step, never zero
+    lo = lo.to(params)
+    q = torch.round((w - lo.float()) / scale.float()).clamp_(0, 15).to(torch.uint8).reshape(n, K)
     return q, scale[..., 0], lo[..., 0]
 
 
