@@ -60,8 +60,8 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
     """Load a Qwen model from an HF-format directory, a .gguf file, or a model id.
 
     `adapter`: a LoRA adapter directory in PEFT's layout, merged into the weights.
-    `quantize`: "int8" or "int4" weight-only layers, each made as soon as its weights are loaded
-    (with an adapter, after merging it).
+    `quantize`: "int8", "int4" or "bf16" weight-only layers (`model.quant`), each made as soon as
+    its weights are loaded (with an adapter, after merging it).
     """
     from .weights import open_checkpoint
 

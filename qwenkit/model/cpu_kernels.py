@@ -79,6 +79,21 @@ def _build(compiler: str) -> Path:
     return out
 
 
+def takes(x2: torch.Tensor) -> bool:
+    """Whether the GEMVs here take x2 (M, K): fp32 on the CPU, no autograd, M <= MAX_ROWS, and
+    the kernels built."""
+    return (x2.device.type == "cpu" and x2.dtype == torch.float32 and not x2.requires_grad
+            and x2.shape[0] <= MAX_ROWS and kernels() is not None)
+
+
+def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
+    return None if bias is None else bias.detach().float().contiguous()
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
 def _check(rc: int, shape_error: str) -> None:
     if rc == -2:
         raise MemoryError("the CPU GEMV could not allocate its quantized copy of x")
@@ -93,9 +108,8 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     x = x.contiguous()
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.qk_int8_gemv_f32(x.data_ptr(), weight.data_ptr(), scales.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K,
+    y, bias = torch.empty(M, N, dtype=torch.float32), _bias(bias)
+    rc = lib.qk_int8_gemv_f32(x.data_ptr(), weight.data_ptr(), scales.data_ptr(), _ptr(bias), y.data_ptr(), M, N, K,
                               torch.get_num_threads())
     _check(rc, f"int8 GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y
@@ -123,9 +137,9 @@ def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins:
     x = x.contiguous()
     M, K = x.shape
     N = packed.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
-    rc = lib.qk_int4_gemv_f32(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(),
-                              None if bias is None else bias.data_ptr(), y.data_ptr(), M, N, K, torch.get_num_threads())
+    y, bias = torch.empty(M, N, dtype=torch.float32), _bias(bias)
+    rc = lib.qk_int4_gemv_f32(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), _ptr(bias),
+                              y.data_ptr(), M, N, K, torch.get_num_threads())
     _check(rc, f"int4 GEMV takes 1 to {MAX_ROWS} rows and K a multiple of 32, got {tuple(x.shape)}")
     return y
 
@@ -136,10 +150,9 @@ def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     x = x.contiguous()
     M, K = x.shape
     N = weight.shape[0]
-    y = torch.empty(M, N, dtype=torch.float32)
+    y, bias = torch.empty(M, N, dtype=torch.float32), _bias(bias)
     gemv = lib.qk_bf16_gemv if weight.dtype == torch.bfloat16 else lib.qk_f32_gemv
-    rc = gemv(x.data_ptr(), weight.data_ptr(), None if bias is None else bias.data_ptr(), y.data_ptr(),
-              M, N, K, torch.get_num_threads())
+    rc = gemv(x.data_ptr(), weight.data_ptr(), _ptr(bias), y.data_ptr(), M, N, K, torch.get_num_threads())
     _check(rc, f"the {weight.dtype} GEMV takes 1 to {MAX_ROWS} rows, got {M}")
     return y
 

@@ -28,8 +28,7 @@ class Linear(nn.Linear):
             from . import cpu_kernels
 
             if cpu_kernels.kernels() is not None:
-                bias = None if self.bias is None else self.bias.contiguous()
-                return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, bias).reshape(*x.shape[:-1], -1)
+                return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
         return super().forward(x)
 
 

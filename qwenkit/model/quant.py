@@ -41,10 +41,9 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])  # (M, K)
+        if cpu_kernels.takes(x2):
+            return cpu_kernels.int8_gemv(x2, self.weight, self.scales.float(), self.bias).reshape(*shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
-            if x2.shape[0] <= cpu_kernels.MAX_ROWS and cpu_kernels.kernels() is not None:
-                bias = None if self.bias is None else self.bias.detach().float().contiguous()
-                return cpu_kernels.int8_gemv(x2, self.weight, self.scales.float(), bias).reshape(*shape[:-1], -1)
             if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: one dequantized copy of W, then fp32 GEMM
                 y = x2 @ self.dequantized().T
                 y = y.reshape(*shape[:-1], self.out_features)
@@ -67,11 +66,9 @@ class Bf16Linear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1]
-        if (x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad
-                and rows <= cpu_kernels.MAX_ROWS and cpu_kernels.kernels() is not None):
-            bias = None if self.bias is None else self.bias.detach().float().contiguous()
-            return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, bias).reshape(*x.shape[:-1], -1)
+        x2 = x.reshape(-1, x.shape[-1])
+        if cpu_kernels.takes(x2):
+            return cpu_kernels.f32_gemv(x2, self.weight, self.bias).reshape(*x.shape[:-1], -1)
         return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
 
 
@@ -115,11 +112,8 @@ class Int4Linear(nn.Module):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.own_layout:
-            if (x.dtype == torch.float32 and not x.requires_grad and x2.shape[0] <= cpu_kernels.MAX_ROWS
-                    and cpu_kernels.kernels() is not None):
-                bias = None if self.bias is None else self.bias.detach().float().contiguous()
-                y = cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, bias)
-                return y.reshape(*shape[:-1], -1).to(x.dtype)
+            if cpu_kernels.takes(x2):
+                return cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, self.bias).reshape(*shape[:-1], -1)
             y = x2 @ self.dequantized().to(x.dtype).T  # prefill: one dequantized copy of W, then the GEMM
         elif self.device_kind == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
