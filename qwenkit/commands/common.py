@@ -14,8 +14,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
                         help="weight dtype (default auto: bf16 where the hardware has it natively, else fp32)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                        help="weight-only int8 (per channel) or int4 (groups of 32) projections, made while loading")
+    parser.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
+                        help="weight-only int8 (per channel), int4 (groups of 32) or bf16 (bf16 weights, fp32 "
+                        "arithmetic) projections, made while loading")
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

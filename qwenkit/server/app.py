@@ -156,8 +156,9 @@ def parser(prog: str):
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="default auto: bf16 where the hardware has it natively, else fp32")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4"],
-                   help="weight-only int8 (per channel) or int4 (groups of 32) projections, made while loading")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
+                   help="weight-only int8 (per channel), int4 (groups of 32) or bf16 (bf16 weights, fp32 "
+                        "arithmetic) projections, made while loading")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
