@@ -103,15 +103,22 @@ def test_cli_info_json_of_the_default_model(default_model_path):
     assert info["max_position_embeddings"] == 32768
 
 
-def test_loading_bf16_peak_rss_under_goal(default_model_path):
-    # VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (large) test process.
+def _load_in_subprocess(path, load_args: str, size_expr: str) -> tuple[int, int]:
+    """(peak RSS, `size_expr` evaluated on the loaded model `m`) of a fresh process that only loads.
+    VmHWM, not ru_maxrss: Linux carries ru_maxrss across exec from the (large) test process."""
     code = ("import re, torch, qwenkit; "
-            f"m = qwenkit.load_model({str(default_model_path)!r}, dtype=torch.bfloat16); "
+            f"m = qwenkit.load_model({str(path)!r}, {load_args}); "
             "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024; "
-            "print(hwm, sum(p.numel() * p.element_size() for p in m.parameters()))")
+            f"print(hwm, {size_expr})")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr
-    peak, weights = map(int, proc.stdout.split())
+    peak, size = map(int, proc.stdout.split())
+    return peak, size
+
+
+def test_loading_bf16_peak_rss_under_goal(default_model_path):
+    peak, weights = _load_in_subprocess(default_model_path, "dtype=torch.bfloat16",
+                                        "sum(p.numel() * p.element_size() for p in m.parameters())")
     print(f"peak RSS {peak / 1e9:.2f} GB for {weights / 1e9:.2f} GB of bf16 weights")
     assert peak < 2.5e9
 
@@ -119,15 +126,10 @@ def test_loading_bf16_peak_rss_under_goal(default_model_path):
 def test_loading_int8_never_holds_the_fp32_model(default_model_path):
     """load_model(quantize="int8") swaps each layer as it loads: the peak stays below the bytes of
     the full fp32 model, which loading then quantizing would hold whole (plus the int8 copies)."""
-    code = ("import re, torch, qwenkit; "
-            f"m = qwenkit.load_model({str(default_model_path)!r}, dtype=torch.float32, quantize='int8'); "
-            "hwm = int(re.search(r'VmHWM:\\s+(\\d+) kB', open('/proc/self/status').read())[1]) * 1024; "
-            "n = sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers() "
-            "if k.endswith('.weight')); "
-            "print(hwm, 4 * n)")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    peak, fp32_bytes = map(int, proc.stdout.split())
+    peak, fp32_bytes = _load_in_subprocess(
+        default_model_path, "dtype=torch.float32, quantize='int8'",
+        "4 * (sum(p.numel() for p in m.parameters()) + sum(b.numel() for k, b in m.named_buffers() "
+        "if k.endswith('.weight')))")
     print(f"int8 load: peak RSS {peak / 1e9:.2f} GB; the fp32 model is {fp32_bytes / 1e9:.2f} GB")
     assert peak < fp32_bytes
 
