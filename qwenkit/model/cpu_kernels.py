@@ -56,6 +56,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_bf16_gemv.restype = ctypes.c_int
     lib.qk_bf16_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
+    lib.qk_attend_one.restype = ctypes.c_int
+    lib.qk_attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
     return lib
 
 
@@ -171,4 +173,28 @@ def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor)
     out = torch.empty(N, K, dtype=torch.float32)
     kernels().qk_int4_dequant(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), out.data_ptr(), N, K,
                               torch.get_num_threads())
+    return out
+
+
+def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """Decode attention: q (B, H, 1, D) fp32, k and v (B, Hkv, S, D) with D contiguous and equal
+    strides, mask None or bool (B, 1, 1, S) -> (B, H, 1, D) = SDPA(q, k, v, mask, enable_gqa).
+    None when the kernel does not apply (not fp32 on the CPU, autograd, another layout, no
+    kernels built): the caller then uses SDPA."""
+    B, H, _, D = q.shape
+    Hkv, S = k.shape[1], k.shape[2]
+    if (q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.float32 or torch.is_grad_enabled()
+            or k.stride() != v.stride() or k.stride(3) != 1 or H % Hkv or D % 8 or D > 256 or kernels() is None):
+        return None
+    mask_sb = 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape != (B, 1, 1, S) or mask.stride(3) != 1:
+            return None
+        mask_sb = mask.stride(0)
+    q = q.contiguous()
+    out = torch.empty(B, H, 1, D, dtype=torch.float32)
+    sb, sh, ss = k.stride(0), k.stride(1), k.stride(2)
+    rc = kernels().qk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S,
+                                 D, sb, sh, ss, mask_sb, D ** -0.5, torch.get_num_threads())
+    _check(rc, f"decode attention does not take q {tuple(q.shape)} with k {tuple(k.shape)}")
     return out
