@@ -454,3 +454,80 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
     }
     return 0;
 }
+
+// The small per-token operations of a decode step, each one pass over its rows. torch spends
+// 10-25 us a call on these at one token (dispatch, temporaries), more than the arithmetic.
+
+// out[r] = w * (x[r] / sqrt(mean(x[r]^2) + eps)), rows of n floats (RMSNorm in fp32).
+int qk_rms_norm(const float *x, const float *w, float *out, int64_t rows, int64_t n, float eps, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *xr = x + r * n;
+        float *o = out + r * n;
+        __m256 acc = _mm256_setzero_ps();
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(xr + i), _mm256_loadu_ps(xr + i), acc);
+        float total = hsum(acc);
+        for (; i < n; i++) total += xr[i] * xr[i];
+        const float inv = 1.0f / sqrtf(total / (float)n + eps);
+        const __m256 v = _mm256_set1_ps(inv);
+        for (i = 0; i + 8 <= n; i += 8)
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(_mm256_loadu_ps(w + i), _mm256_mul_ps(_mm256_loadu_ps(xr + i), v)));
+        for (; i < n; i++) o[i] = w[i] * (xr[i] * inv);
+    }
+    return 0;
+}
+
+// e^x in fp32 for any x (clamped to the finite range).
+static inline __m256 exp_any(__m256 x) {
+    return exp_neg(_mm256_min_ps(x, _mm256_set1_ps(88.0f)));
+}
+
+// out[r, i] = silu(gu[r, i]) * gu[r, I + i]: SwiGLU on the fused gate/up projection's rows of 2I.
+int qk_silu_mul(const float *gu, float *out, int64_t rows, int64_t I, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *g = gu + r * 2 * I, *u = g + I;
+        float *o = out + r * I;
+        int64_t i = 0;
+        for (; i + 8 <= I; i += 8) {
+            const __m256 gv = _mm256_loadu_ps(g + i);
+            const __m256 e = exp_any(_mm256_sub_ps(_mm256_setzero_ps(), gv));
+            const __m256 silu = _mm256_div_ps(gv, _mm256_add_ps(_mm256_set1_ps(1.0f), e));
+            _mm256_storeu_ps(o + i, _mm256_mul_ps(silu, _mm256_loadu_ps(u + i)));
+        }
+        for (; i < I; i++) o[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+    }
+    return 0;
+}
+
+// RoPE, the half-split convention: for each of `rows` rows of x (stride row_stride floats) and
+// each of its `heads` heads of D floats, x1 = x[:D/2], x2 = x[D/2:] become x1 cos1 - x2 sin1 and
+// x2 cos2 + x1 sin2 in out (rows of heads * D, contiguous), with cos, sin rows of D (row r's at
+// r % cs_rows).
+int qk_rope(const float *x, float *out, const float *cos, const float *sin, int64_t rows, int64_t heads, int64_t D,
+            int64_t row_stride, int64_t cs_rows, int threads) {
+    if (D % 2) return -1;
+    const int64_t half = D / 2;
+#pragma omp parallel for num_threads(threads) schedule(static) if (rows > 16)
+    for (int64_t r = 0; r < rows; r++) {
+        const float *c = cos + (r % cs_rows) * D, *s = sin + (r % cs_rows) * D;
+        for (int64_t h = 0; h < heads; h++) {
+            const float *x1 = x + r * row_stride + h * D, *x2 = x1 + half;
+            float *o1 = out + (r * heads + h) * D, *o2 = o1 + half;
+            int64_t i = 0;
+            for (; i + 8 <= half; i += 8) {
+                const __m256 a = _mm256_loadu_ps(x1 + i), b = _mm256_loadu_ps(x2 + i);
+                _mm256_storeu_ps(o1 + i, _mm256_sub_ps(_mm256_mul_ps(a, _mm256_loadu_ps(c + i)),
+                                                       _mm256_mul_ps(b, _mm256_loadu_ps(s + i))));
+                _mm256_storeu_ps(o2 + i, _mm256_add_ps(_mm256_mul_ps(b, _mm256_loadu_ps(c + half + i)),
+                                                       _mm256_mul_ps(a, _mm256_loadu_ps(s + half + i))));
+            }
+            for (; i < half; i++) {
+                o1[i] = x1[i] * c[i] - x2[i] * s[i];
+                o2[i] = x2[i] * c[half + i] + x1[i] * s[half + i];
+            }
+        }
+    }
+    return 0;
+}

@@ -56,7 +56,10 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_bf16_gemv.restype = ctypes.c_int
     lib.qk_bf16_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
-    lib.qk_attend_one.restype = ctypes.c_int
+    lib.qk_attend_one.restype = lib.qk_rms_norm.restype = lib.qk_silu_mul.restype = lib.qk_rope.restype = ctypes.c_int
+    lib.qk_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
+    lib.qk_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.qk_attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
     return lib
 
@@ -86,6 +89,12 @@ def takes(x2: torch.Tensor) -> bool:
     the kernels built."""
     return (x2.device.type == "cpu" and x2.dtype == torch.float32 and not x2.requires_grad
             and x2.shape[0] <= MAX_ROWS and kernels() is not None)
+
+
+def fp32_inference(*tensors: torch.Tensor) -> bool:
+    """Whether the elementwise kernels below apply: fp32 CPU tensors, autograd off, kernels built."""
+    return (not torch.is_grad_enabled() and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in tensors)
+            and kernels() is not None)
 
 
 def _bias(bias: torch.Tensor | None) -> torch.Tensor | None:
@@ -197,4 +206,37 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     rc = kernels().qk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S,
                                  D, sb, sh, ss, mask_sb, D ** -0.5, torch.get_num_threads())
     _check(rc, f"decode attention does not take q {tuple(q.shape)} with k {tuple(k.shape)}")
+    return out
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * x / sqrt(mean(x^2, -1) + eps) for fp32 x (..., n); see `fp32_inference`."""
+    x = x.contiguous()
+    n = x.shape[-1]
+    out = torch.empty_like(x)
+    kernels().qk_rms_norm(x.data_ptr(), weight.contiguous().data_ptr(), out.data_ptr(), x.numel() // n, n, eps,
+                          torch.get_num_threads())
+    return out
+
+
+def silu_mul(gate_up: torch.Tensor) -> torch.Tensor:
+    """silu(gate) * up for fp32 gate_up (..., 2I) holding [gate | up] -> (..., I)."""
+    gate_up = gate_up.contiguous()
+    I = gate_up.shape[-1] // 2
+    out = torch.empty(*gate_up.shape[:-1], I, dtype=torch.float32)
+    kernels().qk_silu_mul(gate_up.data_ptr(), out.data_ptr(), gate_up.numel() // (2 * I), I, torch.get_num_threads())
+    return out
+
+
+def rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+    """x (B, T, n, D) rotated by cos, sin (1 or B, T, 1, D), the half-split convention, as a new
+    contiguous tensor; None when the layout is not one the kernel takes."""
+    B, T, n, D = x.shape
+    if (x.stride(3) != 1 or x.stride(2) != D or x.stride(0) != T * x.stride(1) or cos.shape != sin.shape
+            or cos.shape[0] not in (1, B) or cos.shape[1:] != (T, 1, D) or not cos.is_contiguous()
+            or not sin.is_contiguous() or D % 2):
+        return None
+    out = torch.empty(B, T, n, D, dtype=torch.float32)
+    kernels().qk_rope(x.data_ptr(), out.data_ptr(), cos.data_ptr(), sin.data_ptr(), B * T, n, D, x.stride(1),
+                      cos.shape[0] * T, torch.get_num_threads())
     return out

@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from . import cpu_kernels
+
 ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 GEMV_ROWS = (2, 8)  # fp32 rows for which qwenkit's CPU GEMV beats torch's GEMM (measured on AVX2)
 
@@ -25,8 +27,6 @@ class Linear(nn.Linear):
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and self.weight.dtype == torch.float32
                 and self.weight.is_contiguous()):
-            from . import cpu_kernels
-
             if cpu_kernels.kernels() is not None:
                 return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
         return super().forward(x)
@@ -39,6 +39,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and cpu_kernels.fp32_inference(x, self.weight):
+            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and multiply after casting back, as the reference does (bf16 parity).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
@@ -56,7 +58,10 @@ class GatedMLP(nn.Module):
         self.act = ACTIVATIONS[act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate, up = self.gate_up_proj(x).chunk(2, dim=-1)  # (..., I) each
+        gate_up = self.gate_up_proj(x)  # (..., 2I)
+        if self.act is F.silu and cpu_kernels.fp32_inference(gate_up):
+            return self.down_proj(cpu_kernels.silu_mul(gate_up))
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., I) each
         return self.down_proj(self.act(gate) * up)
 
 

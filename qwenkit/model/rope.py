@@ -12,6 +12,8 @@ import math
 
 import torch
 
+from . import cpu_kernels
+
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
     return 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))  # (dim/2,)
@@ -107,6 +109,10 @@ class Rope:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, n, D) rotated by the half-split convention Qwen checkpoints use."""
+    if cpu_kernels.fp32_inference(x, cos, sin):
+        out = cpu_kernels.rope(x, cos, sin)  # one pass instead of six torch ops
+        if out is not None:
+            return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
