@@ -34,7 +34,7 @@ def test_decode_attention_equals_sdpa(B, H, Hkv, D, S, layout):
     mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
     mask[..., 0] = True  # every row sees something (SDPA gives NaN otherwise)
     with torch.no_grad():
-        for m in (None, mask):
+        for m in (None, mask, mask[:1]):  # mask[:1]: one row of the mask for every row
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
             out = cpu_kernels.attend_one(q, k, v, m)
             assert out.shape == ref.shape

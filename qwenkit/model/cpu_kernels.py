@@ -187,7 +187,7 @@ def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor)
 
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
     """Decode attention: q (B, H, 1, D) fp32, k and v (B, Hkv, S, D) with D contiguous and equal
-    strides, mask None or bool (B, 1, 1, S) -> (B, H, 1, D) = SDPA(q, k, v, mask, enable_gqa).
+    strides, mask None or bool (B or 1, 1, 1, S) -> (B, H, 1, D) = SDPA(q, k, v, mask, enable_gqa).
     None when the kernel does not apply (not fp32 on the CPU, autograd, another layout, no
     kernels built): the caller then uses SDPA."""
     B, H, _, D = q.shape
@@ -197,9 +197,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         return None
     mask_sb = 0
     if mask is not None:
-        if mask.dtype != torch.bool or mask.shape != (B, 1, 1, S) or mask.stride(3) != 1:
+        if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S) or mask.stride(3) != 1:
             return None
-        mask_sb = mask.stride(0)
+        mask_sb = mask.stride(0) if mask.shape[0] == B else 0  # one mask row for all rows
     q = q.contiguous()
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
     sb, sh, ss = k.stride(0), k.stride(1), k.stride(2)
