@@ -1,6 +1,7 @@
 """The CPU kernels of a decode step besides the GEMVs: attention (`cpu_kernels.attend_one`) against
-torch's SDPA, RMSNorm, RoPE and SwiGLU against their torch definitions, and the model's decode
-through them against the model's decode through torch's ops."""
+torch's SDPA, RMSNorm, RoPE and SwiGLU against their torch definitions, the model's decode through
+them against the model's decode through torch's ops, and the fused decode step (all layers in one
+C call) against the modules."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import qwenkit
-from qwenkit.model import cpu_kernels
+from qwenkit.model import cpu_kernels, fused_decode
+from qwenkit.model.quant import quantize
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason=f"{cpu_kernels.why_unavailable()}")
@@ -102,6 +104,7 @@ def test_model_decode_through_the_kernels_equals_decode_through_torch(tmp_path, 
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     attention_mask = torch.ones(2, 32, dtype=torch.long)
     attention_mask[1, :4] = 0
+    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: False)  # the modules' own path
     calls = []
     kernel = cpu_kernels.attend_one
 
@@ -124,3 +127,53 @@ def test_model_decode_through_the_kernels_equals_decode_through_torch(tmp_path, 
     monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)  # no C kernel anywhere: torch's ops
     slow = decode(lambda *args: None)
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
+
+
+def _decode_logits(model, steps=12, B=2, max_len=32):
+    """Logits (steps, B, V) of greedy cached decoding after a 6-token prompt, row 1 left-padded by 3."""
+    ids = torch.randint(0, 256, (B, 6), generator=torch.Generator().manual_seed(5))
+    attention_mask = torch.ones(B, max_len, dtype=torch.long)
+    attention_mask[1:, :3] = 0
+    cache, x, out = model.new_cache(B, max_len), ids, []
+    with torch.no_grad():
+        for t in range(steps):
+            logits = model(x, attention_mask[:, : 6 + t], cache=cache)[:, -1]
+            out.append(logits)
+            x = logits.argmax(-1, keepdim=True)
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen2-tied", "qwen3"])
+@pytest.mark.parametrize("scheme", [None, "int8", "int4", "bf16"])
+def test_fused_decode_step_equals_the_modules(tmp_path, arch, scheme, monkeypatch):
+    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32, quantize=scheme)
+    taken = []
+    run = fused_decode.decode_layers
+
+    def spy(*args):
+        taken.append(run(*args))
+        return taken[-1]
+
+    monkeypatch.setattr(fused_decode, "decode_layers", spy)
+    fused = _decode_logits(model)
+    assert taken == [True] * 11  # every step after the prompt
+    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: False)
+    torch.testing.assert_close(fused, _decode_logits(model), atol=1e-4, rtol=1e-4)
+
+
+def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_path, monkeypatch):
+    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
+    fp32 = _decode_logits(model, steps=4)
+    first_plan = model._decode_plan
+    quantize(model, "int8")  # replaces every linear: the plan must be rebuilt, not read the old weights
+    int8 = _decode_logits(model, steps=4)
+    assert model._decode_plan is not first_plan
+    assert not torch.equal(fp32, int8)
+    with monkeypatch.context() as m:
+        m.setattr(fused_decode, "decode_layers", lambda *args: False)
+        torch.testing.assert_close(int8, _decode_logits(model, steps=4), atol=1e-4, rtol=1e-4)
+    cache = model.new_cache(1, 3)
+    with torch.no_grad():
+        model(torch.tensor([[1, 2, 3]]), cache=cache)
+        with pytest.raises(ValueError, match="KV cache holds 3 tokens"):
+            model(torch.tensor([[4]]), cache=cache)

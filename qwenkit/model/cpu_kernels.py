@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
-FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-shared", "-fPIC", "-lm"]
+FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
 MAX_ROWS = 16  # rows of x one int8 GEMV call takes (the C side's MAX_ROWS)
 _why: list[str] = []
 
@@ -59,6 +59,10 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_attend_one.restype = lib.qk_rms_norm.restype = lib.qk_silu_mul.restype = lib.qk_rope.restype = ctypes.c_int
     lib.qk_rms_norm.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_float, ctypes.c_int]
     lib.qk_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.qk_decode_layers.restype = ctypes.c_int
+    lib.qk_decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
+                                     + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
+                                     + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.qk_attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
     return lib

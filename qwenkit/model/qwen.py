@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from ..config import QwenConfig
+from . import fused_decode
 from .attention import Attention, KVCache
 from .layers import GatedMLP, Linear, RMSNorm, SparseMoE
 from .rope import Rope
@@ -85,9 +86,10 @@ class QwenForCausalLM(nn.Module):
             mask = _attention_mask(attention_mask, past, T, self.config, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        for layer in self.model.layers:
-            lm = mask[layer.self_attn.layer_idx] if isinstance(mask, list) else mask
-            x = layer(x, cos, sin, lm, cache)
+        if not (T == 1 and fused_decode.decode_layers(self, x, cos, sin, mask, cache)):
+            for layer in self.model.layers:
+                lm = mask[layer.self_attn.layer_idx] if isinstance(mask, list) else mask
+                x = layer(x, cos, sin, lm, cache)
         if cache is not None:
             cache.advance(T)
         if logits_to_keep:

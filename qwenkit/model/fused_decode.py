@@ -1,0 +1,151 @@
+"""A decode step's layers in one C call (`qk_decode_layers` in cpu_kernels.c), for fp32 models on
+the CPU with a static `KVCache`.
+
+Run from Python, one token through a 0.5B model is ~100 GEMVs and ~250 small operations, each
+paying 5-30 us of interpreter and dispatch time: 10-15 ms a step, as much as an int4 step's
+arithmetic. The C loop runs the same kernels back to back. It takes dense layers (SwiGLU, no
+sliding window) whose linears are fp32, bf16, int8 or qwenkit-layout int4; anything else runs the
+modules as usual. `decode_layers` answers False whenever it does not apply.
+
+The plan (one struct of pointers per layer) is built once per model and rebuilt when a layer's
+modules or tensors are replaced (quantize, LoRA, `.to()`); it holds references to the tensors it
+points at, so a stale plan can never read freed memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+import torch
+import torch.nn.functional as F
+
+from . import cpu_kernels
+from .attention import KVCache
+from .layers import GatedMLP, Linear
+from .quant import Bf16Linear, Int4Linear, Int8Linear
+
+KINDS = {torch.float32: 0, torch.bfloat16: 1}  # fp32 / bf16 weights; int8 is 2, int4 3
+P = ctypes.c_void_p
+
+
+class _Linear(ctypes.Structure):
+    _fields_ = [("kind", ctypes.c_int64), ("N", ctypes.c_int64), ("K", ctypes.c_int64), ("w", P), ("scales", P),
+                ("mins", P), ("bias", P)]
+
+
+class _Layer(ctypes.Structure):
+    _fields_ = [("ln1", P), ("ln2", P), ("q_norm", P), ("k_norm", P), ("qkv", _Linear), ("o", _Linear),
+                ("gate_up", _Linear), ("down", _Linear), ("k_cache", P), ("v_cache", P)]
+
+
+def _fp32(t: torch.Tensor | None) -> bool:
+    return t is None or (t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous())
+
+
+def _linear(mod, keep: list) -> _Linear | None:
+    """The C description of a linear layer, or None for a kind the C loop does not run."""
+    bias = getattr(mod, "bias", None)
+    if not _fp32(bias):
+        return None
+    if type(mod) in (Linear, Bf16Linear) and mod.weight.dtype in KINDS and mod.weight.is_contiguous():
+        desc = _Linear(KINDS[mod.weight.dtype], *mod.weight.shape, mod.weight.data_ptr(), None, None)
+        tensors = [mod.weight]
+    elif type(mod) is Int8Linear and mod.scales.dtype == torch.float32:
+        desc = _Linear(2, *mod.weight.shape, mod.weight.data_ptr(), mod.scales.data_ptr(), None)
+        tensors = [mod.weight, mod.scales]
+    elif type(mod) is Int4Linear and mod.own_layout:
+        desc = _Linear(3, mod.out_features, mod.in_features, mod.qweight.data_ptr(), mod.scales.data_ptr(),
+                       mod.mins.data_ptr())
+        tensors = [mod.qweight, mod.scales, mod.mins]
+    else:
+        return None
+    if any(t.device.type != "cpu" for t in tensors):
+        return None
+    desc.bias = None if bias is None else bias.data_ptr()
+    keep.extend([*tensors, bias])
+    return desc
+
+
+def _modules(model) -> list:
+    """What a plan depends on: every module and tensor the C loop reads (compared by identity)."""
+    out = []
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        mods = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm, attn.qkv_proj,
+                attn.o_proj, mlp, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)]
+        out.extend(mods)
+        out.extend(t for m in mods if m is not None for t in m._parameters.values())
+        out.extend(t for m in mods if m is not None for t in m._buffers.values())
+    return out
+
+
+class _Plan:
+    def __init__(self, model):
+        self.depends = _modules(model)
+        self.keep: list = []  # the tensors the plan points at, kept alive
+        self.cache = None
+        cfg = model.config
+        n = cfg.num_hidden_layers
+        self.layers = (_Layer * n)()
+        self.ok = all(cfg.window_of(i) is None for i in range(n))
+        for i, layer in enumerate(model.model.layers):
+            if not self.ok:
+                break
+            attn, mlp = layer.self_attn, layer.mlp
+            norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm]
+            if (not isinstance(mlp, GatedMLP) or mlp.act is not F.silu
+                    or not all(m is None or _fp32(m.weight) for m in norms)):
+                self.ok = False
+                break
+            linears = [_linear(m, self.keep) for m in (attn.qkv_proj, attn.o_proj, mlp.gate_up_proj, mlp.down_proj)]
+            if any(d is None for d in linears):
+                self.ok = False
+                break
+            ptrs = [None if m is None else m.weight.data_ptr() for m in norms]
+            self.keep.extend(m.weight for m in norms if m is not None)
+            self.layers[i] = _Layer(*ptrs, *linears, None, None)
+        attn = model.model.layers[0].self_attn
+        self.shape = (cfg.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim,
+                      model.model.layers[0].mlp.intermediate if self.ok else 0)
+        self.eps = cfg.rms_norm_eps
+
+    def valid_for(self, model) -> bool:
+        current = _modules(model)
+        return len(current) == len(self.depends) and all(a is b for a, b in zip(current, self.depends))
+
+    def point_at(self, cache: KVCache) -> None:
+        if self.cache is not cache:
+            for i, layer in enumerate(self.layers):
+                layer.k_cache, layer.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
+            self.cache = cache
+
+
+def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> bool:
+    """Run every layer on x (B, 1, H) in place, one new token per row, writing K/V to `cache` at
+    its current length; False (nothing done) when the C loop does not apply."""
+    B, T, hidden = x.shape
+    if (T != 1 or type(cache) is not KVCache or not cpu_kernels.fp32_inference(x, cache.k)
+            or B > cpu_kernels.MAX_ROWS or not x.is_contiguous() or isinstance(mask, list)):
+        return False
+    plan = getattr(model, "_decode_plan", None)
+    if plan is None or not plan.valid_for(model):
+        plan = model._decode_plan = _Plan(model)
+    if (not plan.ok or cache.k.shape[1] != B or cache.length + 1 > cache.max_len
+            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
+        return False  # the module path raises the cache's own error when it is full
+    S = cache.length + 1
+    rows = 0
+    if mask is not None:
+        if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S):
+            return False
+        rows = mask.shape[0]
+        mask = mask.reshape(rows, S).contiguous()
+    cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
+    plan.point_at(cache)
+    _, H, Hkv, D, I = plan.shape
+    rc = cpu_kernels.kernels().qk_decode_layers(
+        plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
+        sin.data_ptr(), cos.shape[0], cache.length, cache.max_len, None if mask is None else mask.data_ptr(), rows,
+        torch.get_num_threads())
+    cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {cache.length}")
+    return True
