@@ -177,3 +177,24 @@ def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_pat
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         with pytest.raises(ValueError, match="KV cache holds 3 tokens"):
             model(torch.tensor([[4]]), cache=cache)
+
+
+def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
+    """LoRA adds its adapters through forward hooks, which the C loop cannot run: once they are
+    attached (after a plan was built) decoding goes through the modules and sees the adapters."""
+    from qwenkit.train.lora import apply_lora, lora_modules
+
+    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
+    plain = _decode_logits(model, steps=4)
+    assert model._decode_plan.ok
+    apply_lora(model, r=2)
+    with torch.no_grad():
+        for _, m in lora_modules(model):
+            for b in m.lora.B.values():
+                b.normal_(0, 0.5)
+    taken = []
+    run = fused_decode.decode_layers
+    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: taken.append(run(*args)) or taken[-1])
+    adapted = _decode_logits(model, steps=4)
+    assert taken == [False] * 3
+    assert not torch.allclose(adapted, plain, atol=1e-3)

@@ -7,20 +7,23 @@ import torch
 import qwenkit
 from qwenkit.train.export import export_hf
 from qwenkit.train.lora import apply_lora, lora_modules
-from tiny import load_reference, make_checkpoint
+from tiny import load_reference, make_checkpoint, rel_diff
+
+TOL = 1e-4  # as the parity tests: qwenkit's CPU kernels (RMSNorm, RoPE, SwiGLU) round differently
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "qwen2_moe"])
 def test_export_loads_in_transformers_with_identical_logits(arch, tmp_path):
     model = qwenkit.load_model(make_checkpoint(tmp_path / "src", arch, seed=3), dtype=torch.float32)
+    gen = torch.Generator().manual_seed(0)
     with torch.no_grad():  # move away from the source weights, as training would
         for p in model.parameters():
-            p.add_(0.01 * torch.randn_like(p))
+            p.add_(0.01 * torch.randn(p.shape, generator=gen))
     out = export_hf(model, tmp_path / "export")
     reference = load_reference(out)
-    ids = torch.randint(0, model.config.vocab_size, (2, 13))
+    ids = torch.randint(0, model.config.vocab_size, (2, 13), generator=gen)
     with torch.no_grad():
-        torch.testing.assert_close(reference(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        assert rel_diff(reference(input_ids=ids).logits, model(ids)) < TOL
 
 
 def test_export_merges_lora_and_copies_tokenizer(tmp_path):
@@ -38,7 +41,7 @@ def test_export_merges_lora_and_copies_tokenizer(tmp_path):
     out = export_hf(model, tmp_path / "export", tok_dir)
     assert lora_modules(model)  # still live after export
     with torch.no_grad():
-        torch.testing.assert_close(load_reference(out)(input_ids=ids).logits, model(ids), atol=1e-5, rtol=1e-5)
+        assert rel_diff(load_reference(out)(input_ids=ids).logits, model(ids)) < TOL
     import transformers
 
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)

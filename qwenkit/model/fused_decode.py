@@ -8,8 +8,9 @@ sliding window) whose linears are fp32, bf16, int8 or qwenkit-layout int4; anyth
 modules as usual. `decode_layers` answers False whenever it does not apply.
 
 The plan (one struct of pointers per layer) is built once per model and rebuilt when a layer's
-modules or tensors are replaced (quantize, LoRA, `.to()`); it holds references to the tensors it
-points at, so a stale plan can never read freed memory.
+modules or tensors are replaced (quantize, `.to()`) or forward hooks come or go (LoRA adds its
+adapters through hooks, which the C loop would skip: a hooked model runs its modules). It holds
+references to the tensors it points at, so a stale plan can never read freed memory.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ctypes
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from . import cpu_kernels
 from .attention import KVCache
@@ -79,15 +81,22 @@ def _modules(model) -> list:
     return out
 
 
+def _hooked(depends: list) -> bool:
+    """Whether a forward hook (LoRA adds its adapters through them) would be skipped by the C loop."""
+    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks) or any(
+        m._forward_hooks or m._forward_pre_hooks for m in depends if isinstance(m, nn.Module))
+
+
 class _Plan:
     def __init__(self, model):
         self.depends = _modules(model)
+        self.hooked = _hooked(self.depends)
         self.keep: list = []  # the tensors the plan points at, kept alive
         self.cache = None
         cfg = model.config
         n = cfg.num_hidden_layers
         self.layers = (_Layer * n)()
-        self.ok = all(cfg.window_of(i) is None for i in range(n))
+        self.ok = not self.hooked and all(cfg.window_of(i) is None for i in range(n))
         for i, layer in enumerate(model.model.layers):
             if not self.ok:
                 break
@@ -111,7 +120,8 @@ class _Plan:
 
     def valid_for(self, model) -> bool:
         current = _modules(model)
-        return len(current) == len(self.depends) and all(a is b for a, b in zip(current, self.depends))
+        return (len(current) == len(self.depends) and all(a is b for a, b in zip(current, self.depends))
+                and _hooked(current) == self.hooked)
 
     def point_at(self, cache: KVCache) -> None:
         if self.cache is not cache:

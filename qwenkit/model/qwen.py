@@ -46,7 +46,8 @@ class QwenForCausalLM(nn.Module):
     """`model(input_ids, attention_mask=None)` -> float logits (B, T, vocab).
 
     With a 1/0 `attention_mask` (left padding), positions count only real tokens, so each row's
-    logits equal those of the sequence run alone. Pass a `KVCache` to decode incrementally.
+    logits equal those of the sequence run alone. Pass a `KVCache` to decode incrementally; an fp32
+    model on the CPU then runs each one-token step's layers in one C call (`fused_decode.py`).
     """
 
     def __init__(self, cfg: QwenConfig):
