@@ -16,6 +16,7 @@ references to the tensors it points at, so a stale plan can never read freed mem
 from __future__ import annotations
 
 import ctypes
+import operator
 
 import torch
 import torch.nn.functional as F
@@ -68,35 +69,37 @@ def _linear(mod, keep: list) -> _Linear | None:
     return desc
 
 
-def _modules(model) -> list:
-    """What a plan depends on: every module and tensor the C loop reads (compared by identity)."""
-    out = []
+_HOOKED = object()  # marks, in a plan's dependencies, a module with forward hooks
+
+
+def _dependencies(model) -> list:
+    """What a plan depends on, compared by identity: every module and tensor the C loop reads, and
+    a marker after each module with forward hooks (LoRA adds its adapters through them, and the C
+    loop would skip them). Module dicts are read directly: this runs every step."""
+    hooked = bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks)
+    out = [_HOOKED] if hooked else []
     for layer in model.model.layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        mods = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm, attn.qkv_proj,
-                attn.o_proj, mlp, getattr(mlp, "gate_up_proj", None), getattr(mlp, "down_proj", None)]
-        out.extend(mods)
-        out.extend(t for m in mods if m is not None for t in m._parameters.values())
-        out.extend(t for m in mods if m is not None for t in m._buffers.values())
+        mods = layer._modules
+        attn, mlp = mods["self_attn"], mods["mlp"]
+        for m in (layer, attn, mods["input_layernorm"], mods["post_attention_layernorm"], *attn._modules.values(), mlp,
+                  *mlp._modules.values()):  # attention's: qkv_proj, o_proj and, with QK-norm, q_norm, k_norm
+            out.append(m)
+            out.extend(m._parameters.values())
+            out.extend(m._buffers.values())
+            if m._forward_hooks or m._forward_pre_hooks:
+                out.append(_HOOKED)
     return out
-
-
-def _hooked(depends: list) -> bool:
-    """Whether a forward hook (LoRA adds its adapters through them) would be skipped by the C loop."""
-    return bool(nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks) or any(
-        m._forward_hooks or m._forward_pre_hooks for m in depends if isinstance(m, nn.Module))
 
 
 class _Plan:
     def __init__(self, model):
-        self.depends = _modules(model)
-        self.hooked = _hooked(self.depends)
+        self.depends = _dependencies(model)
         self.keep: list = []  # the tensors the plan points at, kept alive
         self.cache = None
         cfg = model.config
         n = cfg.num_hidden_layers
         self.layers = (_Layer * n)()
-        self.ok = not self.hooked and all(cfg.window_of(i) is None for i in range(n))
+        self.ok = not any(d is _HOOKED for d in self.depends) and all(cfg.window_of(i) is None for i in range(n))
         for i, layer in enumerate(model.model.layers):
             if not self.ok:
                 break
@@ -119,9 +122,8 @@ class _Plan:
         self.eps = cfg.rms_norm_eps
 
     def valid_for(self, model) -> bool:
-        current = _modules(model)
-        return (len(current) == len(self.depends) and all(a is b for a, b in zip(current, self.depends))
-                and _hooked(current) == self.hooked)
+        current = _dependencies(model)
+        return len(current) == len(self.depends) and all(map(operator.is_, current, self.depends))
 
     def point_at(self, cache: KVCache) -> None:
         if self.cache is not cache:
