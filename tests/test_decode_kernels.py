@@ -45,7 +45,8 @@ def test_decode_attention_equals_sdpa(B, H, Hkv, D, S, layout):
 
 def test_decode_attention_row_that_sees_nothing_is_zero_and_others_unaffected():
     gen = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 1, 64, generator=gen), torch.randn(2, 2, 9, 64, generator=gen), torch.randn(2, 2, 9, 64, generator=gen)
+    q = torch.randn(2, 4, 1, 64, generator=gen)
+    k, v = torch.randn(2, 2, 9, 64, generator=gen), torch.randn(2, 2, 9, 64, generator=gen)
     mask = torch.ones(2, 1, 1, 9, dtype=torch.bool)
     mask[1] = False
     with torch.no_grad():

@@ -201,7 +201,8 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         return None
     mask_sb = 0
     if mask is not None:
-        if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S) or mask.stride(3) != 1:
+        if (mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S)
+                or mask.stride(3) != 1):
             return None
         mask_sb = mask.stride(0) if mask.shape[0] == B else 0  # one mask row for all rows
     q = q.contiguous()
