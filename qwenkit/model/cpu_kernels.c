@@ -551,7 +551,6 @@ typedef struct {
 typedef struct {
     const float *ln1, *ln2, *q_norm, *k_norm;  // q_norm, k_norm NULL without QK-norm
     qk_linear qkv, o, gate_up, down;
-    float *k_cache, *v_cache;  // this layer's (B, Hkv, max_len, D)
 } qk_layer;
 
 static int linear(const qk_linear *l, const float *x, float *y, int64_t M, int threads) {
@@ -571,12 +570,14 @@ static inline void add_rows(float *x, const float *d, int64_t n) {
 }
 
 // x (B, hidden) is the residual stream of one new token per row, updated in place through the
-// layers. cos, sin: (cs_rows, D) with row b's at b % cs_rows. The new token's K/V go to slot
-// `pos` of every row; attention reads slots [0, pos] under mask (bytes (mask_rows, pos + 1),
-// row b's at b % mask_rows) or all of them when mask is NULL.
+// layers. cos, sin: (cs_rows, D) with row b's at b % cs_rows. k_cache, v_cache: the static
+// cache, (layers, B, Hkv, max_len, D) contiguous. The new token's K/V go to slot `pos` of every
+// row; attention reads slots [0, pos] under mask (bytes (mask_rows, pos + 1), row b's at
+// b % mask_rows) or all of them when mask is NULL.
 int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
                      int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin, int64_t cs_rows,
-                     int64_t pos, int64_t max_len, const uint8_t *mask, int64_t mask_rows, int threads) {
+                     float *k_cache, float *v_cache, int64_t pos, int64_t max_len, const uint8_t *mask,
+                     int64_t mask_rows, int threads) {
     if (B < 1 || B > MAX_ROWS || pos >= max_len) return -1;
     const int64_t QKV = (H + 2 * Hkv) * D, S = pos + 1;
     const int64_t sizes[] = {B * hidden, B * QKV, B * H * D, B * H * D, B * 2 * I, B * I};
@@ -589,6 +590,7 @@ int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t
     int rc = 0;
     for (int64_t l = 0; l < n_layers && rc == 0; l++) {
         const qk_layer *L = layers + l;
+        float *kl = k_cache + l * B * sb, *vl = v_cache + l * B * sb;  // this layer's (B, Hkv, max_len, D)
         qk_rms_norm(x, L->ln1, h, B, hidden, eps, 1);
         if ((rc = linear(&L->qkv, h, qkv, B, threads))) break;
         if (L->q_norm)
@@ -601,14 +603,14 @@ int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t
             float k_new[Hkv * D];
             qk_rope(qkv + b * QKV + H * D, k_new, cos + (b % cs_rows) * D, sin + (b % cs_rows) * D, 1, Hkv, D, 0, 1, 1);
             for (int64_t g = 0; g < Hkv; g++) {
-                float *kc = L->k_cache + b * sb + g * sh + pos * D, *vc = L->v_cache + b * sb + g * sh + pos * D;
+                float *kc = kl + b * sb + g * sh + pos * D, *vc = vl + b * sb + g * sh + pos * D;
                 for (int64_t d = 0; d < D; d++) {
                     kc[d] = k_new[g * D + d];
                     vc[d] = qkv[b * QKV + (H + Hkv + g) * D + d];
                 }
             }
         }
-        if ((rc = qk_attend_one(q, L->k_cache, L->v_cache, mask, att, B, H, Hkv, S, D, sb, sh, D,
+        if ((rc = qk_attend_one(q, kl, vl, mask, att, B, H, Hkv, S, D, sb, sh, D,
                                 mask_rows == 1 ? 0 : S, (float)(1.0 / sqrt((double)D)), threads)))
             break;
         if ((rc = linear(&L->o, att, h, B, threads))) break;

@@ -61,7 +61,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_silu_mul.argtypes = [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2 + [ctypes.c_int]
     lib.qk_decode_layers.restype = ctypes.c_int
     lib.qk_decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
-                                     + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 3
+                                     + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
+                                     + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
                                      + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
     lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.qk_attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]

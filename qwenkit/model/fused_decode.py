@@ -38,7 +38,7 @@ class _Linear(ctypes.Structure):
 
 class _Layer(ctypes.Structure):
     _fields_ = [("ln1", P), ("ln2", P), ("q_norm", P), ("k_norm", P), ("qkv", _Linear), ("o", _Linear),
-                ("gate_up", _Linear), ("down", _Linear), ("k_cache", P), ("v_cache", P)]
+                ("gate_up", _Linear), ("down", _Linear)]
 
 
 def _fp32(t: torch.Tensor | None) -> bool:
@@ -95,7 +95,6 @@ class _Plan:
     def __init__(self, model):
         self.depends = _dependencies(model)
         self.keep: list = []  # the tensors the plan points at, kept alive
-        self.cache = None
         cfg = model.config
         n = cfg.num_hidden_layers
         self.layers = (_Layer * n)()
@@ -115,7 +114,7 @@ class _Plan:
                 break
             ptrs = [None if m is None else m.weight.data_ptr() for m in norms]
             self.keep.extend(m.weight for m in norms if m is not None)
-            self.layers[i] = _Layer(*ptrs, *linears, None, None)
+            self.layers[i] = _Layer(*ptrs, *linears)
         attn = model.model.layers[0].self_attn
         self.shape = (cfg.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim,
                       model.model.layers[0].mlp.intermediate if self.ok else 0)
@@ -124,12 +123,6 @@ class _Plan:
     def valid_for(self, model) -> bool:
         current = _dependencies(model)
         return len(current) == len(self.depends) and all(map(operator.is_, current, self.depends))
-
-    def point_at(self, cache: KVCache) -> None:
-        if self.cache is not cache:
-            for i, layer in enumerate(self.layers):
-                layer.k_cache, layer.v_cache = cache.k[i].data_ptr(), cache.v[i].data_ptr()
-            self.cache = cache
 
 
 def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> bool:
@@ -153,11 +146,10 @@ def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         rows = mask.shape[0]
         mask = mask.reshape(rows, S).contiguous()
     cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
-    plan.point_at(cache)
     _, H, Hkv, D, I = plan.shape
     rc = cpu_kernels.kernels().qk_decode_layers(
         plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
-        sin.data_ptr(), cos.shape[0], cache.length, cache.max_len, None if mask is None else mask.data_ptr(), rows,
-        torch.get_num_threads())
+        sin.data_ptr(), cos.shape[0], cache.k.data_ptr(), cache.v.data_ptr(), cache.length, cache.max_len,
+        None if mask is None else mask.data_ptr(), rows, torch.get_num_threads())
     cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {cache.length}")
     return True
