@@ -178,6 +178,13 @@ def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_pat
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         with pytest.raises(ValueError, match="KV cache holds 3 tokens"):
             model(torch.tensor([[4]]), cache=cache)
+        x = model.model.embed_tokens(torch.tensor([[4]]))
+        cos, sin = model.rope.cos_sin(torch.tensor([[0]]), torch.float32)
+        assert fused_decode.decode_layers(model, x.clone(), cos, sin, None, model.new_cache(1, 8))
+        for wrong in (model.new_cache(2, 8), model.new_cache(1, 8)):  # another batch; another head layout
+            if wrong.k.shape[1] == 1:
+                wrong.k = wrong.k.transpose(2, 3).contiguous()
+            assert not fused_decode.decode_layers(model, x.clone(), cos, sin, None, wrong)
 
 
 def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):

@@ -135,9 +135,10 @@ def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.valid_for(model):
         plan = model._decode_plan = _Plan(model)
-    if (not plan.ok or cache.k.shape[1] != B or cache.length + 1 > cache.max_len
-            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
-        return False  # the module path raises the cache's own error when it is full
+    _, H, Hkv, D, I = plan.shape
+    if (not plan.ok or cache.k.shape != (len(plan.layers), B, Hkv, cache.max_len, D) or cache.v.shape != cache.k.shape
+            or cache.length + 1 > cache.max_len or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
+        return False  # the modules then raise their own error (a full cache, a cache of another shape)
     S = cache.length + 1
     rows = 0
     if mask is not None:
@@ -146,7 +147,6 @@ def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
         rows = mask.shape[0]
         mask = mask.reshape(rows, S).contiguous()
     cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
-    _, H, Hkv, D, I = plan.shape
     rc = cpu_kernels.kernels().qk_decode_layers(
         plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
         sin.data_ptr(), cos.shape[0], cache.k.data_ptr(), cache.v.data_ptr(), cache.length, cache.max_len,
