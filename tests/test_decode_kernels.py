@@ -207,15 +207,3 @@ def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
     assert taken == [False] * 3
     assert not torch.allclose(adapted, plain, atol=1e-3)
 
-
-def test_fused_decode_leaves_wide_fp32_batches_to_torch_gemm(tmp_path):
-    """Beyond 8 rows torch's GEMM beats the fp32 GEMV (as in `Linear`): an fp32 model's batch of 9
-    runs the modules; an int8 model's (whose GEMV takes up to 16 rows) stays fused."""
-    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
-    cos, sin = model.rope.cos_sin(torch.zeros(9, 1, dtype=torch.long), torch.float32)
-    x = model.model.embed_tokens(torch.arange(9)[:, None])
-    with torch.no_grad():
-        assert not fused_decode.decode_layers(model, x.clone(), cos, sin, None, model.new_cache(9, 4))
-        assert fused_decode.decode_layers(model, x[:8].clone(), cos[:8], sin[:8], None, model.new_cache(8, 4))
-        quantize(model, "int8")
-        assert fused_decode.decode_layers(model, x.clone(), cos, sin, None, model.new_cache(9, 4))

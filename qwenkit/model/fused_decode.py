@@ -24,7 +24,7 @@ from torch import nn
 
 from . import cpu_kernels
 from .attention import KVCache
-from .layers import GEMV_ROWS, GatedMLP, Linear
+from .layers import GatedMLP, Linear
 from .quant import Bf16Linear, Int4Linear, Int8Linear
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}  # fp32 / bf16 weights; int8 is 2, int4 3
@@ -115,9 +115,6 @@ class _Plan:
             ptrs = [None if m is None else m.weight.data_ptr() for m in norms]
             self.keep.extend(m.weight for m in norms if m is not None)
             self.layers[i] = _Layer(*ptrs, *linears)
-        kinds = {d.kind for layer in self.layers for d in (layer.qkv, layer.o, layer.gate_up, layer.down)}
-        # fp32 weights: beyond GEMV_ROWS rows torch's GEMM beats the GEMV (as in `Linear`), so the modules
-        self.max_rows = GEMV_ROWS[1] if 0 in kinds else cpu_kernels.MAX_ROWS
         attn = model.model.layers[0].self_attn
         self.shape = (cfg.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim,
                       model.model.layers[0].mlp.intermediate if self.ok else 0)
@@ -139,7 +136,7 @@ def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     if plan is None or not plan.valid_for(model):
         plan = model._decode_plan = _Plan(model)
     _, H, Hkv, D, I = plan.shape
-    if (not plan.ok or B > plan.max_rows or cache.k.shape != (len(plan.layers), B, Hkv, cache.max_len, D)
+    if (not plan.ok or cache.k.shape != (len(plan.layers), B, Hkv, cache.max_len, D)
             or cache.v.shape != cache.k.shape or cache.length + 1 > cache.max_len
             or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
         return False  # the modules then raise their own error (a full cache, a cache of another shape)

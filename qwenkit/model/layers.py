@@ -39,7 +39,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.float32 and cpu_kernels.fp32_inference(x, self.weight):
+        if cpu_kernels.fp32_inference(x, self.weight):
             return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and multiply after casting back, as the reference does (bf16 parity).
         h = x.float()
