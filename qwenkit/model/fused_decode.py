@@ -116,8 +116,7 @@ class _Plan:
             self.keep.extend(m.weight for m in norms if m is not None)
             self.layers[i] = _Layer(*ptrs, *linears)
         attn = model.model.layers[0].self_attn
-        self.shape = (cfg.hidden_size, attn.n_heads, attn.n_kv, attn.head_dim,
-                      model.model.layers[0].mlp.intermediate if self.ok else 0)
+        self.shape = (attn.n_heads, attn.n_kv, attn.head_dim, model.model.layers[0].mlp.intermediate if self.ok else 0)
         self.eps = cfg.rms_norm_eps
 
     def valid_for(self, model) -> bool:
@@ -135,7 +134,7 @@ def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, 
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.valid_for(model):
         plan = model._decode_plan = _Plan(model)
-    _, H, Hkv, D, I = plan.shape
+    H, Hkv, D, I = plan.shape
     if (not plan.ok or cache.k.shape != (len(plan.layers), B, Hkv, cache.max_len, D)
             or cache.v.shape != cache.k.shape or cache.length + 1 > cache.max_len
             or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
