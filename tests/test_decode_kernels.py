@@ -207,3 +207,48 @@ def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
     assert taken == [False] * 3
     assert not torch.allclose(adapted, plain, atol=1e-3)
 
+
+
+@pytest.mark.parametrize("arch,scheme", [("qwen2", None), ("qwen3", None), ("qwen2-tied", "int8"), ("qwen2", "bf16")])
+def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monkeypatch):
+    """The engine's decode steps (rows at different positions, blocks of 4 spread over the pool,
+    blocks shared through the prefix cache) run fused and give the logits the modules give. (Not
+    int4 here: the C loop's attention sums each block of 4 on its own, the modules' gathered rows
+    64 positions at a time, and int4's activation rounding blows that last-bit difference up in a
+    tiny random model.)"""
+    from qwenkit.engine import Engine, EngineSettings, SamplingParams
+    from qwenkit.engine.runner import ModelRunner
+
+    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32, quantize=scheme)
+    gen = torch.Generator().manual_seed(11)
+    shared = torch.randint(0, 256, (9,), generator=gen).tolist()
+    prompts = [shared + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 6, 13)]
+    prompts.append(torch.randint(0, 256, (3,), generator=gen).tolist())
+    forward, run = ModelRunner.forward, fused_decode.decode_layers
+
+    def serve(fused: bool):
+        logits, taken = [], []
+
+        def spy(self, chunks):
+            logits.append(forward(self, chunks))
+            return logits[-1]
+
+        def decode(*args):
+            taken.append(run(*args) if fused else False)
+            return taken[-1]
+
+        monkeypatch.setattr(ModelRunner, "forward", spy)
+        monkeypatch.setattr(fused_decode, "decode_layers", decode)
+        engine = Engine(model, EngineSettings(block_size=4, num_blocks=48, max_num_seqs=4, max_prefill_tokens=16))
+        for i, prompt in enumerate(prompts):
+            engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), request_id=str(i))
+        while engine.has_unfinished():
+            engine.step()
+        return logits, taken
+
+    fused, taken = serve(True)
+    plain, _ = serve(False)
+    assert len(taken) >= 9 and all(taken)  # every decode step of the engine went through the C loop
+    assert len(fused) == len(plain)
+    for a, b in zip(fused, plain):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

@@ -20,16 +20,20 @@ class PagedKVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
         self.length = 0  # the model reads it only when not given positions and a mask
-        self.write_slots = self.write_rows = self.read_slots = None
+        self.write_slots = self.write_rows = self.read_slots = self.block_tables = None
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * n_kv * head_dim * dtype.itemsize
 
-    def prepare(self, write_slots: torch.Tensor, write_rows: torch.Tensor, read_slots: torch.Tensor) -> None:
+    def prepare(self, write_slots: torch.Tensor, write_rows: torch.Tensor, read_slots: torch.Tensor,
+                block_tables: torch.Tensor | None = None) -> None:
         """write_slots (N,): slots for the N real new tokens; write_rows (N,): their index in the
-        flattened (B*T) step input; read_slots (B, S): the slots each row attends to."""
+        flattened (B*T) step input; read_slots (B, S): the slots each row attends to; block_tables
+        (B, blocks): the blocks read_slots come from, for readers that walk whole blocks (the
+        fused decode step)."""
         self.write_slots, self.write_rows, self.read_slots = write_slots, write_rows, read_slots
+        self.block_tables = block_tables
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v (B, n_kv, T, D); return each row's keys/values (B, n_kv, S, D)."""

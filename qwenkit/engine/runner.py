@@ -81,7 +81,7 @@ class ModelRunner:
         ids = _pad([c.tokens for c in chunks], T, dev, left=True)
         write_rows = real.flatten().nonzero().squeeze(1)  # (N,)
         write_slots = read_slots.gather(1, positions).flatten().index_select(0, write_rows)  # (N,)
-        self.cache.prepare(write_slots, write_rows, read_slots)
+        self.cache.prepare(write_slots, write_rows, read_slots, tables)
         return ids, positions, self._mask(positions, real, j)
 
     def _mask(self, positions, real, j):

@@ -446,39 +446,64 @@ static inline __attribute__((always_inline)) void weighted_values(const float *p
 
 #define ATTEND_CHUNK 64  // keys per pass: their K and V (16 KiB each at D = 64) stay in L1 for all heads
 
+// Where a cache keeps row b's key (or value) for position j, in floats from a layer's base (plus
+// h * sh for K/V head h): a static cache (tables NULL) at b * sb + j * ss; a paged pool at slot
+// tables[b, j / block_size] * block_size + j % block_size, times ss.
+typedef struct {
+    int64_t sb, sh, ss;
+    const int64_t *tables;  // (B, n_blocks) block ids, or NULL
+    int64_t n_blocks, block_size;
+} qk_layout;
+
+static inline int64_t slot_offset(const qk_layout *L, int64_t b, int64_t j) {
+    if (!L->tables) return b * L->sb + j * L->ss;
+    return (L->tables[b * L->n_blocks + j / L->block_size] * L->block_size + j % L->block_size) * L->ss;
+}
+
+// How many of positions j, j + 1, ... (at most `most`) sit ss apart from j's slot: all of them in
+// a static cache, the rest of j's block in a paged one.
+static inline int64_t run_length(const qk_layout *L, int64_t j, int64_t most) {
+    const int64_t left = L->tables ? L->block_size - j % L->block_size : most;
+    return left < most ? left : most;
+}
+
 // Attention of one new token per row over its cached keys and values (decode), grouped-query:
-// q (B, H, D) contiguous; k, v (B, Hkv, S, D) with D contiguous and the other strides given in
-// floats (the same for k and v), so both a static cache's slices and a paged cache's gathered
-// rows are read in place; mask NULL (every slot visible) or bytes (B, S) with row stride mask_sb;
-// out (B, H, D). The keys go by in chunks, each scored and summed into the output for all
-// H / Hkv query heads that share them while it is in cache (softmax kept online: a running maximum
-// and sum per head). A head that sees no slot gets zeros. Returns -1 on an unsupported shape.
+// q (B, H, D) contiguous; k, v a layer's cache, read in place where `layout` says (the same for k
+// and v; D contiguous), positions [0, S) of each row; mask NULL (every position visible) or bytes
+// (B, S) with row stride mask_sb; out (B, H, D). The keys go by in chunks (at most ATTEND_CHUNK,
+// never across a paged block), each scored and summed into the output for all H / Hkv query heads
+// that share them while it is in cache (softmax kept online: a running maximum and sum per head).
+// A head that sees no position gets zeros. Returns -1 on an unsupported shape.
 int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t B,
-                  int64_t H, int64_t Hkv, int64_t S, int64_t D, int64_t sb, int64_t sh, int64_t ss, int64_t mask_sb,
-                  float scale, int threads) {
+                  int64_t H, int64_t Hkv, int64_t S, int64_t D, const qk_layout *layout, int64_t mask_sb, float scale,
+                  int threads) {
     if (Hkv < 1 || H % Hkv || D % 8 || D > 256 || S < 1) return -1;
-    const int64_t G = H / Hkv;
+    const int64_t G = H / Hkv, ss = layout->ss;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t kv = 0; kv < Hkv; kv++) {
-            const float *kb = k + b * sb + kv * sh, *vb = v + b * sb + kv * sh;
+            const float *kh = k + kv * layout->sh, *vh = v + kv * layout->sh;
             const uint8_t *mb = mask ? mask + b * mask_sb : NULL;
             const int64_t h0 = b * H + kv * G;
             float row[ATTEND_CHUNK], top[G], total[G];
             float *o = out + h0 * D;  // accumulates unnormalised until the last chunk
             for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
             for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, total[g] = 0.0f;
-            for (int64_t c0 = 0; c0 < S; c0 += ATTEND_CHUNK) {
-                const int64_t n = S - c0 < ATTEND_CHUNK ? S - c0 : ATTEND_CHUNK;
+            int64_t n = run_length(layout, 0, S < ATTEND_CHUNK ? S : ATTEND_CHUNK), at = slot_offset(layout, b, 0);
+            for (int64_t c0 = 0; c0 < S;) {
+                const float *kc = kh + at, *vc = vh + at;
                 // Ask for the next chunk now: reading the cache cold, one line at a time, ran at
                 // a quarter of the bandwidth.
-                for (int64_t s = c0 + ATTEND_CHUNK; s < c0 + 2 * ATTEND_CHUNK && s < S; s++)
+                const int64_t c1 = c0 + n, left = S - c1;
+                const int64_t n1 = left > 0 ? run_length(layout, c1, left < ATTEND_CHUNK ? left : ATTEND_CHUNK) : 0;
+                const int64_t at1 = n1 ? slot_offset(layout, b, c1) : 0;
+                for (int64_t s = 0; s < n1; s++)
                     for (int64_t d = 0; d < D; d += 16) {
-                        _mm_prefetch((const char *)(kb + s * ss + d), _MM_HINT_T0);
-                        _mm_prefetch((const char *)(vb + s * ss + d), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(kh + at1 + s * ss + d), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(vh + at1 + s * ss + d), _MM_HINT_T0);
                     }
                 for (int64_t g = 0; g < G; g++) {
-                    scores_row(q + (h0 + g) * D, kb + c0 * ss, ss, mb ? mb + c0 : NULL, row, n, D, scale);
+                    scores_row(q + (h0 + g) * D, kc, ss, mb ? mb + c0 : NULL, row, n, D, scale);
                     float m = top[g];
                     for (int64_t s = 0; s < n; s++) m = row[s] > m ? row[s] : m;
                     if (m == -INFINITY) continue;  // nothing visible yet
@@ -495,12 +520,12 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
                     for (; s < n; s++) part += (row[s] = expf(row[s] - m));
                     total[g] = total[g] * carry + part;
                     top[g] = m;
-                    const float *vc = vb + c0 * ss;
                     float *og = o + g * D;
                     if (D == 64) weighted_values(row, vc, ss, n, 8, carry, og);
                     else if (D == 128) weighted_values(row, vc, ss, n, 16, carry, og);
                     else weighted_values(row, vc, ss, n, D / 8, carry, og);
                 }
+                c0 = c1, n = n1, at = at1;
             }
             for (int64_t g = 0; g < G; g++) {
                 const float inv = total[g] > 0.0f ? 1.0f / total[g] : 0.0f;
@@ -626,27 +651,30 @@ static inline void add_rows(float *x, const float *d, int64_t n) {
 }
 
 // x (B, hidden) is the residual stream of one new token per row, updated in place through the
-// layers. cos, sin: (cs_rows, D) with row b's at b % cs_rows. k_cache, v_cache: the static
-// cache, (layers, B, Hkv, max_len, D) contiguous. The new token's K/V go to slot `pos` of every
-// row; attention reads slots [0, pos] under mask (bytes (mask_rows, pos + 1), row b's at
-// b % mask_rows) or all of them when mask is NULL.
+// layers. cos, sin: (cs_rows, D) with row b's at b % cs_rows. k_cache, v_cache: layer 0 of the
+// cache, a layer every layer_stride floats, positions where `layout` says (a static cache or a
+// paged pool). Row b's new K/V go to its position pos[b]; attention reads positions [0, S),
+// S = max(pos) + 1, under mask (bytes (mask_rows, S), row b's at b % mask_rows) or all of them
+// when mask is NULL (every row then at the same position). The caller checks that every pos[b]
+// has a slot.
 int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
                      int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin, int64_t cs_rows,
-                     float *k_cache, float *v_cache, int64_t pos, int64_t max_len, const uint8_t *mask,
-                     int64_t mask_rows, int threads) {
-    if (B < 1 || B > MAX_ROWS || pos >= max_len) return -1;
-    const int64_t QKV = (H + 2 * Hkv) * D, S = pos + 1;
+                     float *k_cache, float *v_cache, int64_t layer_stride, const qk_layout *layout, const int64_t *pos,
+                     const uint8_t *mask, int64_t mask_rows, int threads) {
+    if (B < 1 || B > MAX_ROWS) return -1;
+    int64_t S = 0;
+    for (int64_t b = 0; b < B; b++) S = pos[b] + 1 > S ? pos[b] + 1 : S;
+    const int64_t QKV = (H + 2 * Hkv) * D;
     const int64_t sizes[] = {B * hidden, B * QKV, B * H * D, B * H * D, B * 2 * I, B * I};
     int64_t total = 0;
     for (int i = 0; i < 6; i++) total += sizes[i];
     float *buf = malloc(sizeof(float) * total);
     if (!buf) return -2;
     float *h = buf, *qkv = h + sizes[0], *q = qkv + sizes[1], *att = q + sizes[2], *gu = att + sizes[3], *act = gu + sizes[4];
-    const int64_t sb = Hkv * max_len * D, sh = max_len * D;  // cache strides (floats)
     int rc = 0;
     for (int64_t l = 0; l < n_layers && rc == 0; l++) {
         const qk_layer *L = layers + l;
-        float *kl = k_cache + l * B * sb, *vl = v_cache + l * B * sb;  // this layer's (B, Hkv, max_len, D)
+        float *kl = k_cache + l * layer_stride, *vl = v_cache + l * layer_stride;
         qk_rms_norm(x, L->ln1, h, B, hidden, eps, 1);
         if ((rc = linear(&L->qkv, h, qkv, B, threads))) break;
         if (L->q_norm)
@@ -658,16 +686,17 @@ int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t
         for (int64_t b = 0; b < B; b++) {
             float k_new[Hkv * D];
             qk_rope(qkv + b * QKV + H * D, k_new, cos + (b % cs_rows) * D, sin + (b % cs_rows) * D, 1, Hkv, D, 0, 1, 1);
+            const int64_t at = slot_offset(layout, b, pos[b]);
             for (int64_t g = 0; g < Hkv; g++) {
-                float *kc = kl + b * sb + g * sh + pos * D, *vc = vl + b * sb + g * sh + pos * D;
+                float *kc = kl + at + g * layout->sh, *vc = vl + at + g * layout->sh;
                 for (int64_t d = 0; d < D; d++) {
                     kc[d] = k_new[g * D + d];
                     vc[d] = qkv[b * QKV + (H + Hkv + g) * D + d];
                 }
             }
         }
-        if ((rc = qk_attend_one(q, kl, vl, mask, att, B, H, Hkv, S, D, sb, sh, D,
-                                mask_rows == 1 ? 0 : S, (float)(1.0 / sqrt((double)D)), threads)))
+        if ((rc = qk_attend_one(q, kl, vl, mask, att, B, H, Hkv, S, D, layout, mask_rows == 1 ? 0 : S,
+                                (float)(1.0 / sqrt((double)D)), threads)))
             break;
         if ((rc = linear(&L->o, att, h, B, threads))) break;
         add_rows(x, h, B * hidden);

@@ -62,11 +62,21 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_decode_layers.restype = ctypes.c_int
     lib.qk_decode_layers.argtypes = ([ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p] + [ctypes.c_int64] * 6
                                      + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
-                                     + [ctypes.c_void_p] * 2 + [ctypes.c_int64] * 2
-                                     + [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int])
+                                     + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
+                                     + [ctypes.c_int64, ctypes.c_int])
     lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
-    lib.qk_attend_one.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 9 + [ctypes.c_float, ctypes.c_int]
+    lib.qk_attend_one.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
+                                  + [ctypes.c_float, ctypes.c_int])
     return lib
+
+
+class Layout(ctypes.Structure):
+    """Where a KV cache keeps row b's key (or value) for position j (cpu_kernels.c `qk_layout`), in
+    floats from a layer's base, plus h * sh for K/V head h: b * sb + j * ss in a static cache
+    (tables None); slot tables[b, j // block_size] * block_size + j % block_size, times ss, in a
+    paged pool."""
+    _fields_ = [("sb", ctypes.c_int64), ("sh", ctypes.c_int64), ("ss", ctypes.c_int64), ("tables", ctypes.c_void_p),
+                ("n_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)]
 
 
 def _build(compiler: str) -> Path:
@@ -197,8 +207,8 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     kernels built): the caller then uses SDPA."""
     B, H, _, D = q.shape
     Hkv, S = k.shape[1], k.shape[2]
-    if (q.device.type != "cpu" or not q.dtype == k.dtype == v.dtype == torch.float32 or torch.is_grad_enabled()
-            or k.stride() != v.stride() or k.stride(3) != 1 or H % Hkv or D % 8 or D > 256 or kernels() is None):
+    if (not fp32_inference(q, k, v) or k.stride() != v.stride() or k.stride(3) != 1 or H % Hkv or D % 8
+            or D > 256):
         return None
     mask_sb = 0
     if mask is not None:
@@ -208,9 +218,9 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
         mask_sb = mask.stride(0) if mask.shape[0] == B else 0  # one mask row for all rows
     q = q.contiguous()
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
-    sb, sh, ss = k.stride(0), k.stride(1), k.stride(2)
+    layout = Layout(k.stride(0), k.stride(1), k.stride(2), None, 0, 1)
     rc = kernels().qk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S,
-                                 D, sb, sh, ss, mask_sb, D ** -0.5, torch.get_num_threads())
+                                 D, ctypes.byref(layout), mask_sb, D ** -0.5, torch.get_num_threads())
     _check(rc, f"decode attention does not take q {tuple(q.shape)} with k {tuple(k.shape)}")
     return out
 

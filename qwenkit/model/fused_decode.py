@@ -1,5 +1,5 @@
 """A decode step's layers in one C call (`qk_decode_layers` in cpu_kernels.c), for fp32 models on
-the CPU with a static `KVCache`.
+the CPU with a static `KVCache` (generate, chat, bench) or an engine's paged cache (serve, LLM).
 
 Run from Python, one token through a 0.5B model is ~100 GEMVs and ~250 small operations, each
 paying 5-30 us of interpreter and dispatch time: 10-15 ms a step, as much as an int4 step's
@@ -124,32 +124,67 @@ class _Plan:
         return len(current) == len(self.depends) and all(map(operator.is_, current, self.depends))
 
 
-def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache) -> bool:
-    """Run every layer on x (B, 1, H) in place, one new token per row, writing K/V to `cache` at
-    its current length; False (nothing done) when the C loop does not apply."""
+def _static_cache(cache: KVCache, B: int, shape) -> tuple | None:
+    """(layout, layer stride, slot positions) of a static cache the plan can write, else None."""
+    _, Hkv, D, _ = shape
+    if (cache.k.shape[1:] != (B, Hkv, cache.max_len, D) or cache.length + 1 > cache.max_len
+            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
+        return None  # the modules then raise their own error (a full cache, a cache of another shape)
+    layout = cpu_kernels.Layout(Hkv * cache.max_len * D, cache.max_len * D, D, None, 0, 1)
+    return layout, B * Hkv * cache.max_len * D, torch.full((B,), cache.length, dtype=torch.int64)
+
+
+def _paged_cache(cache, B: int, shape, positions: torch.Tensor | None) -> tuple | None:
+    """The same for an engine's paged pool (layers, slots, Hkv, D) read through its block tables."""
+    _, Hkv, D, _ = shape
+    tables = cache.block_tables
+    if (positions is None or positions.shape != (B, 1) or tables.shape[0] != B
+            or tables.dtype != torch.int64 or cache.k.shape[2:] != (Hkv, D)
+            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
+        return None
+    pos, tables, slots = positions[:, 0].contiguous(), tables.contiguous(), cache.k.shape[1]
+    if (int(pos.max()) >= tables.shape[1] * cache.block_size
+            or not 0 <= int(tables.min()) <= int(tables.max()) < slots // cache.block_size):
+        return None  # a position without a block, or a block outside the pool: never write there
+    layout = cpu_kernels.Layout(0, D, Hkv * D, tables.data_ptr(), tables.shape[1], cache.block_size)
+    layout.tables_owner = tables
+    return layout, slots * Hkv * D, pos
+
+
+def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
+                  positions: torch.Tensor | None = None) -> bool:
+    """Run every layer on x (B, 1, H) in place, one new token per row, writing K/V to `cache`: a
+    static KVCache at its current length, or an engine's paged cache at each row's position
+    (`positions` (B, 1)) through the block tables the runner prepared. False (nothing done) when
+    the C loop does not apply."""
     B, T, hidden = x.shape
-    if (T != 1 or type(cache) is not KVCache or not cpu_kernels.fp32_inference(x, cache.k)
+    paged = getattr(cache, "block_tables", None) is not None
+    if (T != 1 or not (type(cache) is KVCache or paged) or not cpu_kernels.fp32_inference(x, cache.k)
             or B > cpu_kernels.MAX_ROWS or not x.is_contiguous() or isinstance(mask, list)):
         return False
     plan = getattr(model, "_decode_plan", None)
     if plan is None or not plan.valid_for(model):
         plan = model._decode_plan = _Plan(model)
-    H, Hkv, D, I = plan.shape
-    if (not plan.ok or cache.k.shape != (len(plan.layers), B, Hkv, cache.max_len, D)
-            or cache.v.shape != cache.k.shape or cache.length + 1 > cache.max_len
-            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
-        return False  # the modules then raise their own error (a full cache, a cache of another shape)
-    S = cache.length + 1
+    if not plan.ok or cache.k.shape[0] != len(plan.layers) or cache.v.shape != cache.k.shape:
+        return False
+    where = _paged_cache(cache, B, plan.shape, positions) if paged else _static_cache(cache, B, plan.shape)
+    if where is None:
+        return False
+    layout, layer_stride, pos = where
+    S = int(pos.max()) + 1
     rows = 0
     if mask is not None:
         if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S):
             return False
         rows = mask.shape[0]
         mask = mask.reshape(rows, S).contiguous()
+    elif not bool((pos == pos[0]).all()):
+        return False  # without a mask every row would see every position up to the longest row's
+    H, Hkv, D, I = plan.shape
     cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
     rc = cpu_kernels.kernels().qk_decode_layers(
         plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
-        sin.data_ptr(), cos.shape[0], cache.k.data_ptr(), cache.v.data_ptr(), cache.length, cache.max_len,
-        None if mask is None else mask.data_ptr(), rows, torch.get_num_threads())
-    cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {cache.length}")
+        sin.data_ptr(), cos.shape[0], cache.k.data_ptr(), cache.v.data_ptr(), layer_stride, ctypes.byref(layout),
+        pos.data_ptr(), None if mask is None else mask.data_ptr(), rows, torch.get_num_threads())
+    cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {S - 1}")
     return True

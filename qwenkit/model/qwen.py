@@ -87,7 +87,7 @@ class QwenForCausalLM(nn.Module):
             mask = _attention_mask(attention_mask, past, T, self.config, input_ids.device)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        if not (T == 1 and fused_decode.decode_layers(self, x, cos, sin, mask, cache)):
+        if not (T == 1 and fused_decode.decode_layers(self, x, cos, sin, mask, cache, positions)):
             for layer in self.model.layers:
                 lm = mask[layer.self_attn.layer_idx] if isinstance(mask, list) else mask
                 x = layer(x, cos, sin, lm, cache)
