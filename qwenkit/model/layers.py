@@ -14,6 +14,9 @@ from . import cpu_kernels
 
 ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
 GEMV_ROWS = (2, 8)  # fp32 rows for which qwenkit's CPU GEMV beats torch's GEMM (measured on AVX2)
+# More rows (prefill, large batches) go to oneDNN's fp32 GEMM where torch has it: on this AMD CPU,
+# one core, it multiplies 17-128 rows 1.35-1.65x faster than F.linear's MKL path, 512 rows 1.03-1.13x.
+ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
 
 
 class Linear(nn.Linear):
@@ -23,13 +26,23 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (GEMV_ROWS[0] <= rows <= GEMV_ROWS[1] and x.dtype == torch.float32 and x.device.type == "cpu"
+        if (rows >= GEMV_ROWS[0] and x.dtype == torch.float32 and x.device.type == "cpu"
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
                 and self.weight.dtype == torch.float32
                 and self.weight.is_contiguous()):
-            if cpu_kernels.kernels() is not None:
-                return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
+            if rows <= GEMV_ROWS[1]:
+                if cpu_kernels.kernels() is not None:
+                    return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
+            else:
+                return fp32_linear(x, self.weight, self.bias)
         return super().forward(x)
+
+
+def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T (+ bias) for fp32 inference on the CPU (many rows): oneDNN's GEMM where torch has it."""
+    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):

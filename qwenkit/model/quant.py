@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
+from .layers import fp32_linear
 
 SCHEMES = ("int8", "int4", "bf16")
 
@@ -45,7 +46,7 @@ class Int8Linear(nn.Module):
             return cpu_kernels.int8_gemv(x2, self.weight, self.scales.float(), self.bias).reshape(*shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
             if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: one dequantized copy of W, then fp32 GEMM
-                y = x2 @ self.dequantized().T
+                y = fp32_linear(x2, self.dequantized(), None)
                 y = y.reshape(*shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
         y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
@@ -69,7 +70,7 @@ class Bf16Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if cpu_kernels.takes(x2):
             return cpu_kernels.f32_gemv(x2, self.weight, self.bias).reshape(*x.shape[:-1], -1)
-        return nn.functional.linear(x, self.weight.to(x.dtype), self.bias)
+        return fp32_linear(x, self.weight.to(x.dtype), self.bias)
 
 
 class Int4Linear(nn.Module):
@@ -114,7 +115,7 @@ class Int4Linear(nn.Module):
         if self.own_layout:
             if cpu_kernels.takes(x2):
                 return cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, self.bias).reshape(*shape[:-1], -1)
-            y = x2 @ self.dequantized().to(x.dtype).T  # prefill: one dequantized copy of W, then the GEMM
+            y = fp32_linear(x2, self.dequantized().to(x.dtype), None)  # prefill: one dequantized W, then the GEMM
         elif self.device_kind == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         else:
