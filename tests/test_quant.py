@@ -79,20 +79,22 @@ def test_cpu_gemv_kernels_equal_the_dequantized_product():
             got = cpu_kernels.int8_gemv(x, q8.weight, q8.scales, bias)
             assert torch.allclose(got, _q8_blocks(x) @ deq8.T + bias, atol=1e-4, rtol=1e-4)
     q4 = Int4Linear(nn.Linear(96, 37)).requires_grad_(False)
-    assert q4.own_layout and q4.qweight.shape == (37, 48)
-    q = torch.randint(0, 16, (5, 64))
-    assert torch.equal(cpu_kernels.unpack_int4(cpu_kernels.pack_int4(q)), q.to(torch.uint8))
-    groups = cpu_kernels.unpack_int4(q4.qweight).float().reshape(37, 3, 32)
-    assert q4.scales.dtype == q4.mins.dtype == torch.float16
-    deq4 = (groups * q4.scales.float()[..., None] + q4.mins.float()[..., None]).reshape(37, 96)
+    assert q4.own_layout and q4.qweight.shape == (5, 384)  # 37 rows padded to 5 blocks of 8, 4 bytes per input
+    q, s, mn = torch.randint(0, 16, (13, 64)), torch.randn(13, 2).half(), torch.randn(13, 2).half()
+    for got, want in zip(cpu_kernels.unpack_int4(*cpu_kernels.pack_int4(q, s, mn), 13), (q.to(torch.uint8), s, mn)):
+        assert torch.equal(got, want)
+    groups, scales, mins = cpu_kernels.unpack_int4(q4.qweight, q4.scales, q4.mins, 37)
+    assert scales.dtype == mins.dtype == torch.float16 and scales.shape == (37, 3)
+    deq4 = (groups.float().reshape(37, 3, 32) * scales.float()[..., None] + mins.float()[..., None]).reshape(37, 96)
     assert torch.allclose(q4.dequantized(), deq4, atol=1e-6)
+    mins = mins.float().repeat_interleave(32, dim=1)
+    bias = torch.randn(37)
     for m in range(1, 17):
         x = torch.randn(m, 96)
         x[0, :32] = 0.0  # an all-zero block quantizes to zeros, not NaN
-        got = cpu_kernels.int4_gemv(x, q4.qweight, q4.scales, q4.mins, None)
+        got = cpu_kernels.int4_gemv(x, q4.qweight, q4.scales, q4.mins, bias, 37)
         # the minimum term multiplies the exact block sums of x, the rest its int8 blocks
-        mins = q4.mins.float().repeat_interleave(32, dim=1)
-        want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T
+        want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T + bias
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
         assert not got.isnan().any()
     for K in (96, 200):  # bf16 weights, widened in registers: x @ W.float()^T to fp32 rounding

@@ -141,28 +141,39 @@ def int8_gemv(x: torch.Tensor, weight: torch.Tensor, scales: torch.Tensor, bias:
     return y
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """q (N, K) in 0..15 -> (N, K/2) uint8 in the kernel's layout: per group of 32, byte j holds
-    q[j] in its low nibble and q[16 + j] in its high nibble."""
+def pack_int4(q: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> list[torch.Tensor]:
+    """q (N, K) in 0..15 with scales and mins (N, K/32) -> the kernel's layout (cpu_kernels.c): rows
+    in blocks of 8 (zero rows pad N to a multiple of 8) interleaved 4 weights at a time, q as
+    (N/8, 4K) uint8 (per block and group of 32, byte 32j + 4r + t holds q[r, 4j + t] in its low
+    nibble and q[r, 16 + 4j + t] in its high one), scales and mins as (N/8, K/32 * 8)."""
     N, K = q.shape
-    g = q.to(torch.uint8).reshape(N, K // 32, 2, 16)
-    return (g[:, :, 0] | (g[:, :, 1] << 4)).reshape(N, K // 2).contiguous()
+    pad = -N % 8
+    q = _pad_rows(q.to(torch.uint8), pad)
+    b = q.reshape(-1, 8, K // 32, 2, 4, 4).permute(0, 2, 4, 1, 5, 3)  # (block, group, j, row, t, half)
+    packed = (b[..., 0] | (b[..., 1] << 4)).reshape(-1, 4 * K).contiguous()
+    return [packed, *(_pad_rows(p, pad).reshape(-1, 8, K // 32).transpose(1, 2).reshape(-1, K // 4).contiguous()
+                      for p in (scales, mins))]
 
 
-def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
-    """The inverse of pack_int4: (N, K/2) uint8 -> (N, K) uint8 in 0..15."""
-    N, half = packed.shape
-    g = packed.reshape(N, half // 16, 16)
-    return torch.stack([g & 0x0F, g >> 4], dim=2).reshape(N, half * 2)
+def unpack_int4(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, N: int) -> list[torch.Tensor]:
+    """The inverse of pack_int4: q (N, K) uint8 in 0..15, scales and mins (N, K/32)."""
+    K = packed.shape[1] // 4
+    b = packed.reshape(-1, K // 32, 4, 8, 4)  # (block, group, j, row, t)
+    q = torch.stack([b & 0x0F, b >> 4], -1).permute(0, 3, 1, 5, 2, 4).reshape(-1, K)[:N]
+    return [q, *(p.reshape(-1, K // 32, 8).transpose(1, 2).reshape(-1, K // 32)[:N] for p in (scales, mins))]
+
+
+def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """t with `rows` zero rows appended."""
+    return torch.cat([t, t.new_zeros(rows, *t.shape[1:])]) if rows else t
 
 
 def int4_gemv(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
-              bias: torch.Tensor | None) -> torch.Tensor:
-    """x (M, K) fp32, M <= MAX_ROWS; packed (N, K/2) from pack_int4; scales, mins (N, K/32) fp16."""
+              bias: torch.Tensor | None, N: int) -> torch.Tensor:
+    """x (M, K) fp32, M <= MAX_ROWS; packed, scales, mins from pack_int4 of N rows -> (M, N)."""
     lib = kernels()
     x = x.contiguous()
     M, K = x.shape
-    N = packed.shape[0]
     y, bias = torch.empty(M, N, dtype=torch.float32), _bias(bias)
     rc = lib.qk_int4_gemv_f32(x.data_ptr(), packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), _ptr(bias),
                               y.data_ptr(), M, N, K, torch.get_num_threads())
@@ -191,9 +202,9 @@ def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor) -> torch.Tensor:
-    """packed (N, K/2) from pack_int4, scales and mins (N, K/32) fp16 -> (N, K) fp32."""
-    N, K = packed.shape[0], packed.shape[1] * 2
+def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, N: int) -> torch.Tensor:
+    """packed, scales, mins from pack_int4 of N rows -> (N, K) fp32."""
+    K = packed.shape[1] // 4
     out = torch.empty(N, K, dtype=torch.float32)
     kernels().qk_int4_dequant(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), out.data_ptr(), N, K,
                               torch.get_num_threads())

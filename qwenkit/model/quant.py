@@ -88,10 +88,9 @@ class Int4Linear(nn.Module):
         self.own_layout = self.device_kind == "cpu" and linear.weight.dtype == torch.float32 and group_size == 32
         params = torch.float16 if self.own_layout else torch.float32  # fp16 scales: 5 bits a weight, not 6
         q, scale, lo = _by_row_blocks(linear.weight, lambda w: _int4_rows(w, group_size, params))  # (N, K), (N, K/G) x 2
-        if self.own_layout:
-            self.register_buffer("qweight", cpu_kernels.pack_int4(q))  # (N, K/2) uint8
-            self.register_buffer("scales", scale)  # (N, K/32) fp16
-            self.register_buffer("mins", lo)  # (N, K/32) fp16
+        if self.own_layout:  # (N/8, 4K) uint8 and (N/8, K/32 * 8) fp16 twice: blocks of 8 rows
+            for name, t in zip(("qweight", "scales", "mins"), cpu_kernels.pack_int4(q, scale, lo)):
+                self.register_buffer(name, t)
         else:
             zero = lo + 8 * scale  # torch's kernels compute (q - 8) * scale + zero
             scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
@@ -104,17 +103,18 @@ class Int4Linear(nn.Module):
     def dequantized(self) -> torch.Tensor:
         """W as fp32 (N, K) (qwenkit's layout only)."""
         if cpu_kernels.kernels() is not None:
-            return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins)
-        q = cpu_kernels.unpack_int4(self.qweight).float().reshape(self.out_features, -1, self.group_size)
-        scales, mins = self.scales.float()[..., None], self.mins.float()[..., None]
-        return (q * scales + mins).reshape(self.out_features, self.in_features)
+            return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins, self.out_features)
+        q, scales, mins = cpu_kernels.unpack_int4(self.qweight, self.scales, self.mins, self.out_features)
+        q = q.float().reshape(self.out_features, -1, self.group_size)
+        return (q * scales.float()[..., None] + mins.float()[..., None]).reshape(self.out_features, self.in_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if self.own_layout:
             if cpu_kernels.takes(x2):
-                return cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, self.bias).reshape(*shape[:-1], -1)
+                return cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, self.bias,
+                                             self.out_features).reshape(*shape[:-1], -1)
             y = fp32_linear(x2, self.dequantized().to(x.dtype), None)  # prefill: one dequantized W, then the GEMM
         elif self.device_kind == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
