@@ -82,7 +82,7 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
 
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
     on_load = QuantizeOnLoad(model, quantize) if quantize and adapter is None else None
-    load_tensors(model, tensors, ckpt.source, on_filled=on_load)
+    load_tensors(model, tensors, ckpt.source, on_filled=on_load, take=on_load.take if on_load else None)
     model.source = ckpt.source
     if adapter is not None:
         from .train.lora import apply_adapter

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import qwenkit
-from qwenkit.model.quant import Bf16Linear, Int4Linear, Int8Linear, quantize
+from qwenkit.model.quant import Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, quantize
 
 TEXT = """The river ran low that summer, and the children of the village walked its dry bed looking for
 stones that shone. Their grandmother said the water would come back with the autumn rains, as it always
@@ -153,6 +153,23 @@ def test_default_model_quality_holds_under_int8_and_int4(default_model_path):
     assert answers["float32", "bf16"] == "Paris"
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantized_embedding_rows(dtype):
+    """int8 rows with a scale per token (to half a step of each row's scale), bf16 rows (bf16's
+    rounding); a lookup returns the model's dtype, in the ids' shape."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(300, 64).to(dtype).requires_grad_(False)
+    ids = torch.tensor([[0, 5, 299], [7, 7, 1]])
+    want = emb(ids).float()
+    q8, b16 = QuantEmbedding(emb, "int8"), QuantEmbedding(emb, "bf16")
+    assert q8.weight.dtype == torch.int8 and b16.weight.dtype == torch.bfloat16
+    step = emb.weight.float().abs().amax(1)[ids, None] / 127
+    rounding = want.abs() / 256 if dtype == torch.bfloat16 else 1e-6  # of the product in the model's dtype
+    for got, tol in ((q8(ids), step / 2 + rounding), (b16(ids), want.abs() / 256)):
+        assert got.dtype == dtype and got.shape == (2, 3, 64)
+        assert ((got.float() - want).abs() <= tol).all()
+
+
 def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
     """qwenkit's Linear: 2-8 fp32 rows without autograd go through the CPU GEMV and equal F.linear
     to fp32 rounding; with autograd on it is torch's op (gradients flow)."""
@@ -188,6 +205,7 @@ def test_quantize_on_load_equals_quantize_after_load(tmp_path, arch, scheme):
     on_load = qwenkit.load_model(path, dtype=torch.float32, quantize=scheme)
     kinds = {type(m).__name__ for m in on_load.modules()}
     assert "Linear" not in kinds and {"int8": "Int8Linear", "int4": "Int4Linear", "bf16": "Bf16Linear"}[scheme] in kinds
+    assert "Embedding" not in kinds and "QuantEmbedding" in kinds
     assert on_load.quantization == scheme
     with torch.inference_mode():
         assert torch.equal(on_load(ids), after(ids))

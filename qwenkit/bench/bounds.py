@@ -8,12 +8,14 @@ from itertools import chain
 def weight_bytes_per_token(model) -> int:
     """Bytes of weights one decode step reads: everything but the embedding table, of which a
     lookup reads one row, plus that table again when the LM head is tied to it."""
-    embed = model.model.embed_tokens.weight
-    tensors = {id(t): t for t in chain(model.parameters(), model.buffers())}
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    total -= embed.numel() * embed.element_size()
-    if getattr(model.lm_head, "weight", None) is embed:
-        total += embed.numel() * embed.element_size()
+    embed = model.model.embed_tokens
+
+    def size(tensors) -> int:
+        return sum(t.numel() * t.element_size() for t in {id(t): t for t in tensors}.values())
+
+    total = size(chain(model.parameters(), model.buffers())) - size(chain(embed.parameters(), embed.buffers()))
+    if getattr(model.lm_head, "weight", None) is embed.weight:
+        total += size([embed.weight])
     return total
 
 

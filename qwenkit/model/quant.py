@@ -25,9 +25,9 @@ SCHEMES = ("int8", "int4", "bf16")
 class Int8Linear(nn.Module):
     """y = x W^T (+ b) with W stored as int8 (N, K) and one scale per output channel."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, source=None):
         super().__init__()
-        q, scales = _by_row_blocks(linear.weight, _int8_rows)
+        q, scales = _by_row_blocks(linear.weight, _int8_rows, source)
         self.register_buffer("weight", q)  # (N, K) int8
         self.register_buffer("scales", scales.to(linear.weight.dtype))  # (N,)
         self.bias = linear.bias
@@ -60,9 +60,10 @@ class Bf16Linear(nn.Module):
     step, fp32 arithmetic. Decode (<= 16 rows) runs qwenkit's bf16 GEMV; prefill widens W to
     fp32 once per call for the GEMM."""
 
-    def __init__(self, linear: nn.Linear):
+    def __init__(self, linear: nn.Linear, source=None):
         super().__init__()
-        self.register_buffer("weight", linear.weight.detach().to(torch.bfloat16).contiguous())
+        (weight,) = _by_row_blocks(linear.weight, lambda w: [w.to(torch.bfloat16)], source)
+        self.register_buffer("weight", weight)
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
@@ -79,7 +80,7 @@ class Int4Linear(nn.Module):
     An fp32 model on the CPU with groups of 32 keeps qwenkit's own layout (`cpu_kernels.pack_int4`)
     for its AVX2 GEMV; anything else keeps the layout of torch's int4 kernels."""
 
-    def __init__(self, linear: nn.Linear, group_size: int = 32):
+    def __init__(self, linear: nn.Linear, group_size: int = 32, source=None):
         super().__init__()
         N, K = linear.weight.shape
         if K % group_size:
@@ -87,11 +88,15 @@ class Int4Linear(nn.Module):
         self.device_kind = linear.weight.device.type
         self.own_layout = self.device_kind == "cpu" and linear.weight.dtype == torch.float32 and group_size == 32
         params = torch.float16 if self.own_layout else torch.float32  # fp16 scales: 5 bits a weight, not 6
-        q, scale, lo = _by_row_blocks(linear.weight, lambda w: _int4_rows(w, group_size, params))  # (N, K), (N, K/G) x 2
+        def rows(w):  # q (n, K) in 0..15, scale and minimum (n, K/G)
+            return _int4_rows(w, group_size, params)
+
         if self.own_layout:  # (N/8, 4K) uint8 and (N/8, K/32 * 8) fp16 twice: blocks of 8 rows
-            for name, t in zip(("qweight", "scales", "mins"), cpu_kernels.pack_int4(q, scale, lo)):
+            packed = _by_row_blocks(linear.weight, lambda w: cpu_kernels.pack_int4(*rows(w)), source)
+            for name, t in zip(("qweight", "scales", "mins"), packed):
                 self.register_buffer(name, t)
         else:
+            q, scale, lo = _by_row_blocks(linear.weight, rows, source)
             zero = lo + 8 * scale  # torch's kernels compute (q - 8) * scale + zero
             scale_zero = torch.stack([scale, zero], -1).transpose(0, 1).contiguous()  # (K/G, N, 2)
             self.register_buffer("packed", _pack_int4(q.to(torch.int32), linear.weight.device))
@@ -124,12 +129,55 @@ class Int4Linear(nn.Module):
         return y if self.bias is None else y + self.bias
 
 
-def _by_row_blocks(weight: torch.Tensor, quantize_rows, rows: int = 4096) -> list[torch.Tensor]:
+class QuantEmbedding(nn.Module):
+    """The token embedding of a quantized model: int8 rows with one scale per token (int8, int4)
+    or bf16 rows (bf16 weights); a lookup widens only the rows it reads to the model's dtype. A
+    0.5B model's fp32 table is 545 MB, 137 MB in int8: the largest tensor left after quantizing
+    the projections."""
+
+    def __init__(self, embedding: nn.Embedding, scheme: str, source=None):
+        super().__init__()
+        weight = embedding.weight
+        self.out_dtype = weight.dtype
+        if scheme == "bf16":
+            (table,) = _by_row_blocks(weight, lambda w: [w.to(torch.bfloat16)], source)
+            self.register_buffer("weight", table)
+            self.scales = None
+        else:
+            q, scales = _by_row_blocks(weight, _int8_rows, source)
+            self.register_buffer("weight", q)  # (V, H) int8
+            self.register_buffer("scales", scales)  # (V,) fp32
+        self.num_embeddings, self.embedding_dim = weight.shape
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if self.scales is None:
+            return self.weight[ids].to(self.out_dtype)
+        return (self.weight[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.out_dtype)
+
+
+def _by_row_blocks(weight: torch.Tensor, quantize_rows, source=None, rows: int = 4096) -> list[torch.Tensor]:
     """quantize_rows over blocks of `rows` rows of weight (as fp32), its outputs joined along rows:
-    the fp32 temporaries of quantizing a large matrix (the LM head) stay a block's size."""
-    weight = weight.detach()
-    parts = [quantize_rows(weight[i:i + rows].float()) for i in range(0, weight.shape[0], rows)]
-    return [torch.cat(p) for p in zip(*parts)]
+    the fp32 temporaries of quantizing a large matrix (the LM head) stay a block's size. `source`,
+    when given, holds the values instead of `weight` (a checkpoint tensor, read a block at a time
+    and rounded to weight's dtype as loading would have; weight itself is then never filled)."""
+    def read(block: slice) -> torch.Tensor:
+        if source is None:
+            return weight.detach()[block]
+        part = source.rows(block.start, block.stop) if hasattr(source, "rows") else source[block]
+        return part.to(weight.device, weight.dtype)
+
+    n = weight.shape[0]
+    outs, at = None, None
+    for i in range(0, n, rows):
+        parts = quantize_rows(read(slice(i, i + rows)).float())
+        if outs is None:  # each output has rows in proportion to the input's (pack_int4: one per 8)
+            outs = [p.new_empty(-(-n * p.shape[0] // min(rows, n)), *p.shape[1:]) for p in parts]
+            at = [0] * len(parts)
+        for j, p in enumerate(parts):  # filled in place: joining the blocks at the end would hold W twice
+            outs[j][at[j] : at[j] + p.shape[0]] = p
+            at[j] += p.shape[0]
+    assert at == [len(o) for o in outs]
+    return outs
 
 
 def _int8_rows(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -158,20 +206,25 @@ def _pack_int4(q: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def _quantizable(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) and module.out_features > 1  # not the shared-expert gate
+    return (isinstance(module, nn.Linear) and module.out_features > 1  # not the shared-expert gate
+            or isinstance(module, nn.Embedding))
 
 
 @torch.no_grad()
-def _swap(model, name: str, scheme: str, group_size: int) -> None:
+def _swap(model, name: str, scheme: str, group_size: int, source=None) -> None:
+    """Replace module `name` by its quantized form, made from `source` (a checkpoint tensor) in
+    place of its weight when given."""
     parent_name, _, attr = name.rpartition(".")
     parent = model.get_submodule(parent_name)
     linear = getattr(parent, attr)
-    if scheme == "int8":
-        new = Int8Linear(linear)
+    if isinstance(linear, nn.Embedding):
+        new = QuantEmbedding(linear, scheme, source)
+    elif scheme == "int8":
+        new = Int8Linear(linear, source)
     elif scheme == "int4":
-        new = Int4Linear(linear, group_size)
+        new = Int4Linear(linear, group_size, source)
     else:
-        new = Bf16Linear(linear)
+        new = Bf16Linear(linear, source)
     setattr(parent, attr, new)
 
 
@@ -181,8 +234,9 @@ def check_scheme(scheme: str) -> None:
 
 
 def quantize(model, scheme: str = "int8", group_size: int = 32):
-    """Replace the model's dense projections and LM head in place; returns the model. Each fp32
-    weight is released as its layer is replaced, so this holds one layer's two copies at a time."""
+    """Replace the model's dense projections, LM head and token embedding in place; returns the
+    model. Each fp32 weight is released as its layer is replaced, so this holds one layer's two
+    copies at a time."""
     check_scheme(scheme)
     for name in [name for name, m in model.named_modules() if _quantizable(m)]:  # names, not modules
         _swap(model, name, scheme, group_size)
@@ -192,8 +246,10 @@ def quantize(model, scheme: str = "int8", group_size: int = 32):
 
 class QuantizeOnLoad:
     """`load_tensors`' on_filled callback: quantizes each projection as soon as its weight (and
-    bias) are loaded, so loading never holds the whole model in full precision. `finish()`
-    quantizes what no checkpoint tensor completes (an LM head tied to the embedding)."""
+    bias) are loaded, so loading never holds the whole model in full precision. `take` quantizes
+    a weight that completes its module straight from the checkpoint tensor, a block of rows at a
+    time, so not even that one full-precision matrix is made (545 MB for a 0.5B model's LM head).
+    `finish()` quantizes what no checkpoint tensor completes (an LM head tied to the embedding)."""
 
     def __init__(self, model, scheme: str, group_size: int = 32):
         check_scheme(scheme)
@@ -201,6 +257,21 @@ class QuantizeOnLoad:
         self.pending = {name: {f"{name}.{p}" for p, _ in m.named_parameters()}
                         for name, m in model.named_modules() if _quantizable(m)}
         self.owner = {pname: name for name, pnames in self.pending.items() for pname in pnames}
+        uses: dict[int, int] = {}
+        for p in dict(model.named_parameters(remove_duplicate=False)).values():
+            uses[id(p)] = uses.get(id(p), 0) + 1
+        # a tied embedding's weight is the LM head's too: it must be filled for the head to read
+        self.shared = {pname for pname, p in model.named_parameters(remove_duplicate=False) if uses[id(p)] > 1}
+
+    def take(self, pname: str, tensor) -> bool:
+        """Quantize parameter pname's module from `tensor` (pname's whole value) if pname is all it
+        still waits for; returns whether it did (the parameter is then never filled)."""
+        name = self.owner.get(pname)
+        if name is None or self.pending[name] != {pname} or pname in self.shared:
+            return False
+        del self.pending[name]
+        _swap(self.model, name, self.scheme, self.group_size, source=tensor)
+        return True
 
     def __call__(self, pname: str) -> None:
         name = self.owner.get(pname)

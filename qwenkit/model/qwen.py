@@ -62,11 +62,11 @@ class QwenForCausalLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.model.embed_tokens.weight.dtype
+        return self.model.norm.weight.dtype  # the embedding's may be quantized
 
     @property
     def device(self) -> torch.device:
-        return self.model.embed_tokens.weight.device
+        return self.model.norm.weight.device
 
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)

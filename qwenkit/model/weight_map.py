@@ -49,11 +49,15 @@ def target(name: str, cfg) -> tuple[str, Slicer]:
 
 @torch.no_grad()
 def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source: str,
-                 on_filled: Callable[[str], None] | None = None) -> None:
+                 on_filled: Callable[[str], None] | None = None,
+                 take: Callable[[str, torch.Tensor], bool] | None = None) -> None:
     """Copy checkpoint tensors into the model's (already allocated) parameters, checking everything.
 
     `on_filled(name)` runs as each parameter becomes complete; by then this loop holds no reference
-    to it, so the callback may replace its module (quantize on load) and let its storage go."""
+    to it, so the callback may replace its module (quantize on load) and let its storage go.
+    `take(name, tensor)` is offered each tensor that is a whole parameter by itself before it is
+    copied; when it returns True it has used the tensor (quantized from it) and the parameter
+    counts as complete without being filled."""
     params = dict(model.named_parameters(remove_duplicate=False))
     sizes = {pname: p.numel() for pname, p in params.items()}
     tied = model.config.tie_word_embeddings
@@ -75,6 +79,10 @@ def load_tensors(model, tensors: Iterable[tuple[str, torch.Tensor, str]], source
             raise CheckpointError(
                 f"{file}: tensor {name} has shape {list(tensor.shape)}, the model expects {list(dest.shape)}"
             )
+        if take is not None and pname not in filled and dest.numel() == sizes[pname] and take(pname, tensor):
+            del params[pname], dest
+            filled[pname] = sizes[pname]
+            continue
         if hasattr(tensor, "copy_into"):  # a lazily dequantized tensor fills itself in blocks
             tensor.copy_into(dest)
         else:
