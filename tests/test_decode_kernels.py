@@ -43,6 +43,35 @@ def test_decode_attention_equals_sdpa(B, H, Hkv, D, S, layout):
             torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("block_size,S", [(4, 1), (4, 13), (16, 64), (16, 150)])
+def test_paged_decode_attention_reads_the_pool_through_block_tables(block_size, S):
+    """attend_paged over a pool whose rows' blocks lie scattered (and one block shared by two rows)
+    equals SDPA over each row's gathered positions, with a causal-like mask, a sliding-window mask
+    and one mask row for all rows; tables that point outside the pool or fall short of S decline."""
+    gen = torch.Generator().manual_seed(S + block_size)
+    B, H, Hkv, D, n_blocks = 3, 14, 2, 64, 40
+    per_row = -(-S // block_size)
+    q = torch.randn(B, H, 1, D, generator=gen)
+    k_pool, v_pool = (torch.randn(n_blocks * block_size, Hkv, D, generator=gen) for _ in range(2))
+    tables = torch.randperm(n_blocks, generator=gen)[: B * per_row].reshape(B, per_row)
+    tables[1, 0] = tables[0, 0]  # a prefix block two rows share
+    slots = (tables[:, :, None] * block_size + torch.arange(block_size)).reshape(B, -1)[:, :S]  # (B, S)
+    k, v = k_pool[slots].transpose(1, 2), v_pool[slots].transpose(1, 2)  # (B, Hkv, S, D)
+    lengths = torch.tensor([S, max(1, S - 5), max(1, S // 2)])
+    causal = (torch.arange(S) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
+    window = causal & (torch.arange(S) >= lengths[:, None] - 8)[:, None, None]
+    with torch.no_grad():
+        for mask in (causal, window, causal[:1]):
+            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            out = cpu_kernels.attend_paged(q, k_pool, v_pool, tables, block_size, mask)
+            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+        outside = tables.clone()
+        outside[2, -1] = n_blocks
+        assert cpu_kernels.attend_paged(q, k_pool, v_pool, outside, block_size, causal) is None
+        longer = torch.ones(B, 1, 1, per_row * block_size + 1, dtype=torch.bool)
+        assert cpu_kernels.attend_paged(q, k_pool, v_pool, tables, block_size, longer) is None
+
+
 def test_decode_attention_row_that_sees_nothing_is_zero_and_others_unaffected():
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(2, 4, 1, 64, generator=gen)
@@ -212,11 +241,13 @@ def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
 @pytest.mark.parametrize("arch,scheme", [("qwen2", None), ("qwen3", None), ("qwen2-tied", "int8"), ("qwen2", "bf16")])
 def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monkeypatch):
     """The engine's decode steps (rows at different positions, blocks of 4 spread over the pool,
-    blocks shared through the prefix cache) run fused and give the logits the modules give. (Not
-    int4 here: the C loop's attention sums each block of 4 on its own, the modules' gathered rows
-    64 positions at a time, and int4's activation rounding blows that last-bit difference up in a
-    tiny random model.)"""
+    blocks shared through the prefix cache) run fused and give the logits the modules give, both
+    with their attention reading the pool in place (`PagedKVCache.attend_one`) and with each row's
+    K/V gathered for SDPA. (Not int4 here: the paged readers sum each block of 4 on its own, the
+    gathered rows 64 positions at a time, and int4's activation rounding blows that last-bit
+    difference up in a tiny random model.)"""
     from qwenkit.engine import Engine, EngineSettings, SamplingParams
+    from qwenkit.engine.kv_cache import PagedKVCache
     from qwenkit.engine.runner import ModelRunner
 
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32, quantize=scheme)
@@ -224,31 +255,39 @@ def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monk
     shared = torch.randint(0, 256, (9,), generator=gen).tolist()
     prompts = [shared + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 6, 13)]
     prompts.append(torch.randint(0, 256, (3,), generator=gen).tolist())
-    forward, run = ModelRunner.forward, fused_decode.decode_layers
+    forward, run, attend = ModelRunner.forward, fused_decode.decode_layers, PagedKVCache.attend_one
 
-    def serve(fused: bool):
-        logits, taken = [], []
+    def serve(mode: str):
+        logits, taken, in_place = [], [], []
 
         def spy(self, chunks):
             logits.append(forward(self, chunks))
             return logits[-1]
 
         def decode(*args):
-            taken.append(run(*args) if fused else False)
+            taken.append(run(*args) if mode == "fused" else False)
             return taken[-1]
+
+        def attend_one(*args):
+            in_place.append(attend(*args) if mode == "paged" else None)
+            return in_place[-1]
 
         monkeypatch.setattr(ModelRunner, "forward", spy)
         monkeypatch.setattr(fused_decode, "decode_layers", decode)
+        monkeypatch.setattr(PagedKVCache, "attend_one", attend_one)
         engine = Engine(model, EngineSettings(block_size=4, num_blocks=48, max_num_seqs=4, max_prefill_tokens=16))
         for i, prompt in enumerate(prompts):
             engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), request_id=str(i))
         while engine.has_unfinished():
             engine.step()
-        return logits, taken
+        return logits, taken, in_place
 
-    fused, taken = serve(True)
-    plain, _ = serve(False)
+    fused, taken, _ = serve("fused")
+    paged, _, in_place = serve("paged")
+    gathered, _, _ = serve("gathered")
     assert len(taken) >= 9 and all(taken)  # every decode step of the engine went through the C loop
-    assert len(fused) == len(plain)
-    for a, b in zip(fused, plain):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert len(in_place) >= 9 * model.config.num_hidden_layers and all(o is not None for o in in_place)
+    assert len(fused) == len(paged) == len(gathered)
+    for a, b, c in zip(fused, paged, gathered):
+        torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4)

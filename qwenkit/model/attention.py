@@ -65,9 +65,13 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, D)
-        if cache is not None:
+        out = None
+        if cache is not None and T == 1 and hasattr(cache, "attend_one"):  # a paged pool, read in place
+            out = cache.attend_one(self.layer_idx, q, k, v, mask)
+        if out is None and cache is not None:
             k, v = cache.update(self.layer_idx, k, v)  # (B, n_kv, S, D)
-        out = cpu_kernels.attend_one(q, k, v, mask) if T == 1 else None
+        if out is None and T == 1:
+            out = cpu_kernels.attend_one(q, k, v, mask)
         if out is None:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, enable_gqa=True)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H)

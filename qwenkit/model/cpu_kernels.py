@@ -216,23 +216,57 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     strides, mask None or bool (B or 1, 1, 1, S) -> (B, H, 1, D) = SDPA(q, k, v, mask, enable_gqa).
     None when the kernel does not apply (not fp32 on the CPU, autograd, another layout, no
     kernels built): the caller then uses SDPA."""
-    B, H, _, D = q.shape
-    Hkv, S = k.shape[1], k.shape[2]
-    if (not fp32_inference(q, k, v) or k.stride() != v.stride() or k.stride(3) != 1 or H % Hkv or D % 8
-            or D > 256):
+    if not fp32_inference(q, k, v) or k.stride() != v.stride() or k.stride(3) != 1:
+        return None
+    layout = Layout(k.stride(0), k.stride(1), k.stride(2), None, 0, 1)
+    return _attend(q, k, v, layout, k.shape[1], k.shape[2], mask)
+
+
+def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, block_size: int,
+                 mask: torch.Tensor) -> torch.Tensor | None:
+    """Decode attention read in place from a paged pool: q (B, H, 1, D) fp32; k_pool, v_pool
+    (slots, Hkv, D) contiguous, slot b * block_size + i holding block b's i-th position; tables
+    (B, n_blocks) int64, row b's blocks in position order; mask bool (B, 1, 1, S) over positions
+    [0, S). The same result as gathering each row's S positions and calling `attend_one`; None
+    where the kernel does not apply (as there, or a position or block outside the tables or pool)."""
+    S = mask.shape[-1]
+    if (not fp32_inference(q, k_pool, v_pool) or k_pool.shape != v_pool.shape or not v_pool.is_contiguous()
+            or tables.shape[0] != q.shape[0]):
+        return None
+    layout = paged_layout(tables, block_size, k_pool, S)
+    return None if layout is None else _attend(q, k_pool, v_pool, layout, k_pool.shape[1], S, mask)
+
+
+def paged_layout(tables: torch.Tensor, block_size: int, pool: torch.Tensor, positions: int) -> Layout | None:
+    """The Layout of a paged pool (..., slots, Hkv, D), contiguous, read through tables (B, n_blocks)
+    int64; None when positions [0, positions) do not all have a block or a block lies outside the
+    pool (the kernels would read or write there). The layout keeps the tables it points into."""
+    slots, Hkv, D = pool.shape[-3:]
+    if (tables.dtype != torch.int64 or not pool.is_contiguous() or positions > tables.shape[1] * block_size
+            or not 0 <= int(tables.min()) <= int(tables.max()) < slots // block_size):
+        return None
+    tables = tables.contiguous()
+    layout = Layout(0, D, Hkv * D, tables.data_ptr(), tables.shape[1], block_size)
+    layout.tables_owner = tables
+    return layout
+
+
+def _attend(q, k, v, layout: Layout, Hkv: int, S: int, mask: torch.Tensor | None) -> torch.Tensor | None:
+    """qk_attend_one over keys and values where `layout` says (see attend_one, attend_paged)."""
+    B, H, T, D = q.shape
+    if T != 1 or H % Hkv or D % 8 or D > 256:
         return None
     mask_sb = 0
     if mask is not None:
-        if (mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S)
-                or mask.stride(3) != 1):
+        if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S):
             return None
-        mask_sb = mask.stride(0) if mask.shape[0] == B else 0  # one mask row for all rows
+        mask = mask.reshape(mask.shape[0], S).contiguous()
+        mask_sb = S if mask.shape[0] == B else 0  # one mask row for all rows
     q = q.contiguous()
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
-    layout = Layout(k.stride(0), k.stride(1), k.stride(2), None, 0, 1)
     rc = kernels().qk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S,
                                  D, ctypes.byref(layout), mask_sb, D ** -0.5, torch.get_num_threads())
-    _check(rc, f"decode attention does not take q {tuple(q.shape)} with k {tuple(k.shape)}")
+    _check(rc, f"decode attention does not take q {tuple(q.shape)} with {S} keys of {Hkv} heads")
     return out
 
 

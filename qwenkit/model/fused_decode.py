@@ -138,17 +138,13 @@ def _paged_cache(cache, B: int, shape, positions: torch.Tensor | None) -> tuple 
     """The same for an engine's paged pool (layers, slots, Hkv, D) read through its block tables."""
     _, Hkv, D, _ = shape
     tables = cache.block_tables
-    if (positions is None or positions.shape != (B, 1) or tables.shape[0] != B
-            or tables.dtype != torch.int64 or cache.k.shape[2:] != (Hkv, D)
-            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
+    if (positions is None or positions.shape != (B, 1) or tables.shape[0] != B or cache.k.shape[2:] != (Hkv, D)
+            or not cache.v.is_contiguous()):
         return None
-    pos, tables, slots = positions[:, 0].contiguous(), tables.contiguous(), cache.k.shape[1]
-    if (int(pos.max()) >= tables.shape[1] * cache.block_size
-            or not 0 <= int(tables.min()) <= int(tables.max()) < slots // cache.block_size):
-        return None  # a position without a block, or a block outside the pool: never write there
-    layout = cpu_kernels.Layout(0, D, Hkv * D, tables.data_ptr(), tables.shape[1], cache.block_size)
-    layout.tables_owner = tables
-    return layout, slots * Hkv * D, pos
+    pos = positions[:, 0].contiguous()
+    # None: a position without a block, or a block outside the pool: never write there
+    layout = cpu_kernels.paged_layout(tables, cache.block_size, cache.k, int(pos.max()) + 1)
+    return None if layout is None else (layout, cache.k.shape[1] * Hkv * D, pos)
 
 
 def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
