@@ -152,7 +152,7 @@ class QuantEmbedding(nn.Module):
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.scales is None:
             return self.weight[ids].to(self.out_dtype)
-        return (self.weight[ids].float() * self.scales[ids].unsqueeze(-1)).to(self.out_dtype)
+        return (self.weight[ids].float() * self.scales[ids].float().unsqueeze(-1)).to(self.out_dtype)
 
 
 def _by_row_blocks(weight: torch.Tensor, quantize_rows, source=None, rows: int = 4096) -> list[torch.Tensor]:
@@ -240,8 +240,19 @@ def quantize(model, scheme: str = "int8", group_size: int = 32):
     check_scheme(scheme)
     for name in [name for name, m in model.named_modules() if _quantizable(m)]:  # names, not modules
         _swap(model, name, scheme, group_size)
+    _share_tied_table(model)
     model.quantization = scheme
     return model
+
+
+def _share_tied_table(model) -> None:
+    """A tied model's int8 LM head and int8 embedding hold the same per-row quantization of one
+    matrix: the embedding reads the head's copy (136 MB saved for a tied 0.5B model)."""
+    head, embed = getattr(model, "lm_head", None), getattr(getattr(model, "model", None), "embed_tokens", None)
+    if (isinstance(head, Int8Linear) and isinstance(embed, QuantEmbedding) and embed.scales is not None
+            and head.weight.shape == embed.weight.shape and torch.equal(head.weight, embed.weight)
+            and torch.equal(head.scales.float(), embed.scales)):
+        embed.weight, embed.scales = head.weight, head.scales
 
 
 class QuantizeOnLoad:
