@@ -3,7 +3,8 @@ bf16 weights under fp32 arithmetic.
 
 `quantize(model, "int8")` (or `load_model(..., quantize="int8")`, which quantizes each layer as
 it loads) swaps every projection (qkv, o, gate_up, down, experts excluded) and
-the LM head for a module that keeps packed weights and calls torch's weight-only kernels
+the LM head for a module that keeps packed weights (and the token embedding for int8 rows, or bf16
+rows for "bf16") and calls torch's weight-only kernels
 (`_weight_int8pack_mm`, `_weight_int4pack_mm[_for_cpu]`). Decode at batch 1 is bound by reading
 weights, so halving (bf16, int8) or quartering (int4) the bytes read is what makes it faster. On an
 AVX2 CPU, fp32 calls of up to 16 rows (decode) go to qwenkit's own GEMVs (`cpu_kernels.c`), which
