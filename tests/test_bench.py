@@ -90,3 +90,30 @@ def test_bench_random_weights_of_a_given_shape_are_made_once_and_run(tmp_path, m
     again = _tiny().to(torch.bfloat16).init_weights(seed=0)
     assert json.loads((made / "config.json").read_text())["dtype"] == "bfloat16"
     assert torch.equal(model.model.layers[1].mlp.down_proj.weight, again.model.layers[1].mlp.down_proj.weight.float())
+
+
+def test_bench_serve_drives_a_quantized_server_and_transformers_on_one_checkpoint(tmp_path):
+    """`qwenkit bench serve --quantize int8` end to end: a real `qwenkit serve --quantize int8`
+    subprocess answers every streamed request of each concurrency level (twice as many requests
+    as clients), transformers answers requests one by one, and the report names the quantization."""
+    import json
+    import subprocess
+    import sys
+
+    from test_server import VOCAB, write_tokenizer
+    from tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "tiny-qwen", vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                           num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=8)
+    write_tokenizer(ckpt)
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "qwenkit.cli", "bench", "serve", "--model", str(ckpt), "--levels", "1,3",
+                           "--max-tokens", "5", "--baseline-requests", "2", "--dtype", "float32", "--quantize", "int8",
+                           "--kv-cache-memory", "8MiB", "--out", str(out)], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    res = json.loads((out / "bench_serve.json").read_text())
+    assert res["quantize"] == "int8" and res["dtype"] == "float32"
+    assert [(lv["clients"], lv["requests"]) for lv in res["qwenkit"]] == [(1, 2), (3, 6)]
+    assert all(lv["output_tok_s"] > 0 and 0 < lv["ttft_median_s"] <= lv["ttft_p90_s"] for lv in res["qwenkit"])
+    assert res["transformers_sequential"]["output_tok_s"] > 0
+    assert "float32 + int8" in proc.stdout

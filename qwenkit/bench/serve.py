@@ -36,9 +36,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: str, port: int, kv_memory: str, dtype: str) -> subprocess.Popen:
+def _start_server(model: str, port: int, kv_memory: str, dtype: str, quantize: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwenkit.cli", "serve", "--model", model, "--port", str(port),
            "--kv-cache-memory", kv_memory, "--dtype", dtype, "--log-level", "warning"]
+    if quantize:
+        cmd += ["--quantize", quantize]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     import httpx
 
@@ -129,19 +131,23 @@ def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
     p.add_argument("--baseline-requests", type=int, default=4, help="transformers requests (one by one)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
                    help="for both sides; auto = bf16 where the hardware multiplies it natively, else fp32")
+    p.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
+                   help="qwenkit's server only (weight-only layers, as `qwenkit serve --quantize`); "
+                        "transformers keeps --dtype")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     path = str(resolve_path(args.model))
     dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
     port = _free_port()
-    server = _start_server(path, port, args.kv_cache_memory, dtype)
+    server = _start_server(path, port, args.kv_cache_memory, dtype, args.quantize)
     try:
         levels = [asyncio.run(_level(port, c, max(c, 2 * c), args.max_tokens)) for c in map(int, args.levels.split(","))]
     finally:
         server.terminate()
         server.wait(timeout=60)
     baseline = _transformers_baseline(path, args.baseline_requests, args.max_tokens, dtype)
-    result = {"model": args.model, "dtype": dtype, "max_tokens": args.max_tokens, "qwenkit": levels,
+    result = {"model": args.model, "dtype": dtype, "quantize": args.quantize, "max_tokens": args.max_tokens,
+              "qwenkit": levels,
               "transformers_sequential": baseline}
     _print(result)
     os.makedirs(args.out, exist_ok=True)
@@ -153,6 +159,7 @@ def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
 
 def _print(result: dict) -> None:
     base = result["transformers_sequential"].get("output_tok_s")
+    print(f"qwenkit serve, {result['dtype']}" + (f" + {result['quantize']}" if result.get("quantize") else ""))
     print("| clients | output tok/s | TTFT median s | TTFT p90 s | x transformers (one by one) |")
     print("|---|---|---|---|---|")
     for r in result["qwenkit"]:
