@@ -60,16 +60,16 @@ def test_paged_decode_attention_reads_the_pool_through_block_tables(block_size, 
     lengths = torch.tensor([S, max(1, S - 5), max(1, S // 2)])
     causal = (torch.arange(S) < lengths[:, None])[:, None, None]  # (B, 1, 1, S)
     window = causal & (torch.arange(S) >= lengths[:, None] - 8)[:, None, None]
+    layout = cpu_kernels.paged_layout(tables, block_size, k_pool, S)
     with torch.no_grad():
         for mask in (causal, window, causal[:1]):
             ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-            out = cpu_kernels.attend_paged(q, k_pool, v_pool, tables, block_size, mask)
+            out = cpu_kernels.attend_paged(q, k_pool, v_pool, layout, mask)
             torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
         outside = tables.clone()
         outside[2, -1] = n_blocks
-        assert cpu_kernels.attend_paged(q, k_pool, v_pool, outside, block_size, causal) is None
-        longer = torch.ones(B, 1, 1, per_row * block_size + 1, dtype=torch.bool)
-        assert cpu_kernels.attend_paged(q, k_pool, v_pool, tables, block_size, longer) is None
+        assert cpu_kernels.paged_layout(outside, block_size, k_pool, S) is None
+        assert cpu_kernels.paged_layout(tables, block_size, k_pool, per_row * block_size + 1) is None
 
 
 def test_decode_attention_row_that_sees_nothing_is_zero_and_others_unaffected():

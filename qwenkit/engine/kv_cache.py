@@ -25,6 +25,7 @@ class PagedKVCache:
         self.block_size = block_size
         self.length = 0  # the model reads it only when not given positions and a mask
         self.write_slots = self.write_rows = self.read_slots = self.block_tables = None
+        self._layout = None  # (positions, cpu_kernels.Layout or None) of this step's block tables
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -38,6 +39,7 @@ class PagedKVCache:
         fused decode step)."""
         self.write_slots, self.write_rows, self.read_slots = write_slots, write_rows, read_slots
         self.block_tables = block_tables
+        self._layout = None
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Store the new k, v (B, n_kv, T, D); return each row's keys/values (B, n_kv, S, D)."""
@@ -54,8 +56,13 @@ class PagedKVCache:
         does not apply; the caller then uses `update`."""
         if self.block_tables is None or mask is None or k.shape[2] != 1 or not cpu_kernels.fp32_inference(q, self.k):
             return None
+        S = mask.shape[-1]
+        if self._layout is None or self._layout[0] != S:  # checked once a step, not once a layer
+            self._layout = S, cpu_kernels.paged_layout(self.block_tables, self.block_size, self.k, S)
+        if self._layout[1] is None or self.block_tables.shape[0] != q.shape[0]:
+            return None
         self._store(layer, k, v)  # if the kernel still declines, update stores the same values again
-        return cpu_kernels.attend_paged(q, self.k[layer], self.v[layer], self.block_tables, self.block_size, mask)
+        return cpu_kernels.attend_paged(q, self.k[layer], self.v[layer], self._layout[1], mask)
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         B, n_kv, T, D = k.shape

@@ -222,19 +222,16 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
     return _attend(q, k, v, layout, k.shape[1], k.shape[2], mask)
 
 
-def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, tables: torch.Tensor, block_size: int,
+def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layout: Layout,
                  mask: torch.Tensor) -> torch.Tensor | None:
     """Decode attention read in place from a paged pool: q (B, H, 1, D) fp32; k_pool, v_pool
-    (slots, Hkv, D) contiguous, slot b * block_size + i holding block b's i-th position; tables
-    (B, n_blocks) int64, row b's blocks in position order; mask bool (B, 1, 1, S) over positions
-    [0, S). The same result as gathering each row's S positions and calling `attend_one`; None
-    where the kernel does not apply (as there, or a position or block outside the tables or pool)."""
-    S = mask.shape[-1]
-    if (not fp32_inference(q, k_pool, v_pool) or k_pool.shape != v_pool.shape or not v_pool.is_contiguous()
-            or tables.shape[0] != q.shape[0]):
+    (slots, Hkv, D), slot b * block_size + i holding block b's i-th position; `layout` from
+    `paged_layout` over the rows' block tables (B, n_blocks) for S positions; mask bool
+    (B, 1, 1, S) over positions [0, S). The same result as gathering each row's S positions and
+    calling `attend_one`; None where the kernel does not apply (as there)."""
+    if not fp32_inference(q, k_pool, v_pool) or k_pool.shape != v_pool.shape or not v_pool.is_contiguous():
         return None
-    layout = paged_layout(tables, block_size, k_pool, S)
-    return None if layout is None else _attend(q, k_pool, v_pool, layout, k_pool.shape[1], S, mask)
+    return _attend(q, k_pool, v_pool, layout, k_pool.shape[1], mask.shape[-1], mask)
 
 
 def paged_layout(tables: torch.Tensor, block_size: int, pool: torch.Tensor, positions: int) -> Layout | None:
