@@ -85,11 +85,28 @@ static inline float hsum(__m256 v) {
 }
 
 // x (M, K) fp32 -> xq (M, K) int8 and xs (M, G) fp32, G = ceil(K / 32): x[m, k] ~ xq[m, k] * xs[m, k / 32].
-// With xsum non-NULL it also gets the exact fp32 sum of each block (the int4 kernel's minimum term).
+// With xsum non-NULL it also gets the fp32 sum of each block of x (the int4 kernel's minimum term).
 static void quantize_rows_q8(const float *x, int8_t *xq, float *xs, float *xsum, int64_t M, int64_t K) {
-    const int64_t G = (K + 31) / 32;
+    const int64_t G = (K + 31) / 32, full = K / 32;
+    const __m256 magnitude = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);  // undoes the packs' lane interleave
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t g = 0; g < G; g++) {
+        for (int64_t g = 0; g < full; g++) {  // whole blocks, 32 floats in four vectors
+            const float *xb = x + m * K + g * 32;
+            __m256 v[4], a = _mm256_setzero_ps();
+            for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(xb + 8 * j), a = _mm256_max_ps(a, _mm256_and_ps(v[j], magnitude));
+            __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+            const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
+            __m256i i[4];  // round to nearest even, as lrintf
+            for (int j = 0; j < 4; j++) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
+            const __m256i bytes = _mm256_packs_epi16(_mm256_packs_epi32(i[0], i[1]), _mm256_packs_epi32(i[2], i[3]));
+            _mm256_storeu_si256((__m256i *)(xq + m * K + g * 32), _mm256_permutevar8x32_epi32(bytes, order));
+            xs[m * G + g] = amax / 127.0f;
+            if (xsum) xsum[m * G + g] = hsum(_mm256_add_ps(_mm256_add_ps(v[0], v[1]), _mm256_add_ps(v[2], v[3])));
+        }
+        for (int64_t g = full; g < G; g++) {  // a last partial block
             const float *xb = x + m * K + g * 32;
             const int64_t n = K - g * 32 < 32 ? K - g * 32 : 32;
             float amax = 0.0f, sum = 0.0f;
