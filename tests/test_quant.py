@@ -4,6 +4,7 @@ greedy answer)."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -97,8 +98,8 @@ def test_cpu_gemv_kernels_equal_the_dequantized_product():
         want = _q8_blocks(x) @ (deq4 - mins).T + x @ mins.T + bias
         assert torch.allclose(got, want, atol=1e-4, rtol=1e-4)
         assert not got.isnan().any()
-    for K in (96, 200):  # bf16 weights, widened in registers: x @ W.float()^T to fp32 rounding
-        w = torch.randn(37, K).to(torch.bfloat16)
+    for K, dtype in itertools.product((96, 100, 200), (torch.bfloat16, torch.float32)):
+        w = torch.randn(37, K).to(dtype)  # bf16 weights are widened in registers: x @ W.float()^T to fp32 rounding
         for m in range(1, 17):
             x = torch.randn(m, K)
             assert torch.allclose(cpu_kernels.f32_gemv(x, w, bias), x @ w.float().T + bias, atol=1e-4, rtol=1e-4)

@@ -29,16 +29,18 @@
 // (rows n, n + Q, n + 2Q, n + 3Q, then n + 1, ...). Reads from 4 places at once keep more DRAM
 // pages busy than one sequential stream: one core's bf16 GEMV over a model's matrices went from
 // 8.0-9.2 to 10.1-11.2 GB/s (same run, alternating). Each x row costs accumulators for every
-// stream, so streams and x rows per block share a budget of 4 (S * MB <= 4).
+// stream, so streams and x rows per block share a budget of accumulator pairs: 4 for the integer
+// kernels (S * MB <= 4), 8 for the float ones, which give each pair one accumulator beyond 4.
 #define STREAMS(M) ((M) == 1 ? 4 : (M) == 2 ? 2 : 1)
+#define FLOAT_STREAMS(M) ((M) == 1 ? 4 : 2)
 
 // Runs ROWS(n, stride, S) for S in {4, 2, 1} (a literal, at most MAX_S) over rows [0, N) of W,
 // each call owning rows n + i * stride, i < S, and every row exactly once across the threads.
-#define FOR_ROW_STREAMS(N, M, MAX_S, threads, ROWS)                                      \
+#define FOR_ROW_STREAMS(N, STREAMS_M, MAX_S, threads, ROWS)                              \
     _Pragma("omp parallel num_threads(threads)") {                                       \
         const int64_t t = omp_get_thread_num(), T = omp_get_num_threads();               \
         const int64_t lo = (N) * t / T, hi = (N) * (t + 1) / T;                          \
-        const int64_t streams = STREAMS(M) < (MAX_S) ? STREAMS(M) : (MAX_S);             \
+        const int64_t streams = (STREAMS_M) < (MAX_S) ? (STREAMS_M) : (MAX_S);           \
         const int64_t Q = (hi - lo) / streams;                                           \
         for (int64_t n = lo; n < lo + Q; n++) {                                          \
             if ((MAX_S) >= 4 && streams == 4) {                                          \
@@ -52,14 +54,14 @@
         for (int64_t n = lo + streams * Q; n < hi; n++) ROWS(n, 0, 1)                    \
     }
 
-// Runs BLOCK(m0, MB) over rows [0, M) of x in blocks of 4 / S rows (MB a literal, S * MB <= 4, so
-// each call inlines with its accumulators in registers).
-#define FOR_ROW_BLOCKS(M, S, BLOCK)                                                      \
-    for (int64_t m0 = 0; m0 < (M); m0 += 4 / (S)) {                                      \
-        const int64_t left = (M) - m0;                                                   \
-        if ((S) == 4 || left == 1) BLOCK(m0, 1);                                         \
-        else if ((S) == 2 || left == 2) BLOCK(m0, 2);                                    \
-        else if (left == 3) BLOCK(m0, 3);                                                \
+// Runs BLOCK(m0, MB) over rows [0, M) of x in blocks of PAIRS / S rows, at most 4 (MB a literal,
+// S * MB <= PAIRS, so each call inlines with its accumulators in registers).
+#define FOR_ROW_BLOCKS(M, S, PAIRS, BLOCK)                                               \
+    for (int64_t m0 = 0, step = (PAIRS) / (S) < 4 ? (PAIRS) / (S) : 4; m0 < (M); m0 += step) { \
+        const int64_t mb = (M) - m0 < step ? (M) - m0 : step;                            \
+        if (step == 1 || mb == 1) BLOCK(m0, 1);                                          \
+        else if (step == 2 || mb == 2) BLOCK(m0, 2);                                     \
+        else if (mb == 3) BLOCK(m0, 3);                                                  \
         else BLOCK(m0, 4);                                                               \
     }
 
@@ -194,12 +196,12 @@ int qk_int8_gemv_f32(const float *x, const int8_t *w, const float *s, const floa
         enum { S_ = S };                                                                 \
         STREAM_ROWS(int8_t, w, n, stride, S, K);                                         \
         float out[4][MAX_ROWS];                                                          \
-        FOR_ROW_BLOCKS(M, S, BLOCK)                                                      \
+        FOR_ROW_BLOCKS(M, S, 4, BLOCK)                                                   \
         for (int i = 0; i < S; i++)                                                      \
             for (int64_t m = 0; m < M; m++) out[i][m] *= s[(n) + i * (stride)];          \
         store_rows(y, out, bias, n, stride, S, M, N);                                    \
     }
-    FOR_ROW_STREAMS(N, M, 4, threads, ROWS)
+    FOR_ROW_STREAMS(N, STREAMS(M), 4, threads, ROWS)
 #undef ROWS
 #undef BLOCK
     free(buf);
@@ -289,7 +291,7 @@ int qk_int4_gemv_f32(const float *x, const uint8_t *q, const uint16_t *scales, c
         int64_t blk[S];                                                                  \
         for (int i = 0; i < S; i++) blk[i] = (n) + i * (stride);                         \
         __m256 out[4][MAX_ROWS];                                                         \
-        FOR_ROW_BLOCKS(M, S, BLOCK)                                                      \
+        FOR_ROW_BLOCKS(M, S, 4, BLOCK)                                                   \
         for (int i = 0; i < S; i++)                                                      \
             for (int64_t m = 0; m < M; m++) {                                            \
                 float v[8];                                                              \
@@ -298,7 +300,7 @@ int qk_int4_gemv_f32(const float *x, const uint8_t *q, const uint16_t *scales, c
                     y[m * N + n0 + r] = v[r] + (bias ? bias[n0 + r] : 0.0f);             \
             }                                                                            \
     }
-    FOR_ROW_STREAMS((N + 7) / 8, M, 2, threads, ROWS)  // 4 runs of blocks: no faster
+    FOR_ROW_STREAMS((N + 7) / 8, STREAMS(M), 2, threads, ROWS)  // 4 runs of blocks: no faster
 #undef ROWS
 #undef BLOCK
     free(buf);
@@ -326,6 +328,25 @@ static inline __attribute__((always_inline)) void rows_float(const float *x, con
     for (int i = 0; i < S; i++)
         for (int m = 0; m < MB; m++) a0[i][m] = a1[i][m] = _mm256_setzero_ps();
     int64_t k = 0;
+    if (S * MB > 4)  // one accumulator a pair, 8 weights a step: each row's 8 widened once for MB rows of x
+        for (; k + 8 <= K; k += 8) {
+            __m256 w[4];
+            for (int i = 0; i < S; i++) {
+                if (W_BF16) {
+                    const uint16_t *r = (const uint16_t *)wr[i] + k;
+                    if (!(k & 31)) PREFETCH(r);
+                    w[i] = bf16x8(r);
+                } else {
+                    const float *r = (const float *)wr[i] + k;
+                    if (!(k & 15)) PREFETCH(r);
+                    w[i] = _mm256_loadu_ps(r);
+                }
+            }
+            for (int m = 0; m < MB; m++) {
+                const __m256 xm = _mm256_loadu_ps(x + m * K + k);
+                for (int i = 0; i < S; i++) a0[i][m] = _mm256_fmadd_ps(w[i], xm, a0[i][m]);
+            }
+        }
     for (; k + 16 <= K; k += 16) {
         for (int i = 0; i < S; i++) {
             __m256 w0, w1;
@@ -361,13 +382,13 @@ static inline __attribute__((always_inline)) void rows_float(const float *x, con
         enum { S_ = S };                                                                 \
         STREAM_ROWS(void, (const char *)w, n, stride, S, K * (W_BF16 ? 2 : 4));          \
         float out[4][MAX_ROWS];                                                          \
-        FOR_ROW_BLOCKS(M, S, BLOCK)                                                      \
+        FOR_ROW_BLOCKS(M, S, 8, BLOCK)                                                   \
         store_rows(y, out, bias, n, stride, S, M, N);                                    \
     }
 #define FLOAT_GEMV(bf16)                                                                 \
     enum { W_BF16 = bf16 };                                                              \
     if (M < 1 || M > MAX_ROWS) return -1;                                                \
-    FOR_ROW_STREAMS(N, M, 4, threads, ROWS)                                              \
+    FOR_ROW_STREAMS(N, FLOAT_STREAMS(M), 4, threads, ROWS)                               \
     return 0;
 
 int qk_f32_gemv(const float *x, const float *w, const float *bias, float *y, int64_t M, int64_t N, int64_t K,
