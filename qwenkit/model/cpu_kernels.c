@@ -318,6 +318,18 @@ static inline float bf16_to_f32(uint16_t h) {
     return v.f;
 }
 
+// Weights k..k+7 of a fp32 or bf16 row as fp32, asking for the row's next cache line when k starts one.
+static inline __attribute__((always_inline)) __m256 weights8(const void *row, int64_t k, const int W_BF16) {
+    if (W_BF16) {
+        const uint16_t *r = (const uint16_t *)row + k;
+        if (!(k & 31)) PREFETCH(r);  // one line per 32 weights
+        return bf16x8(r);
+    }
+    const float *r = (const float *)row + k;
+    if (!(k & 15)) PREFETCH(r);
+    return _mm256_loadu_ps(r);
+}
+
 // S fp32 or bf16 weight rows (W_BF16 0 or 1) against MB rows of fp32 x, as rows_i8. torch's GEMM
 // reads fp32 weights well for one row but is ~3x slower per call for a handful of rows on AVX2;
 // here each weight row is read once for all rows.
@@ -331,17 +343,7 @@ static inline __attribute__((always_inline)) void rows_float(const float *x, con
     if (S * MB > 4)  // one accumulator a pair, 8 weights a step: each row's 8 widened once for MB rows of x
         for (; k + 8 <= K; k += 8) {
             __m256 w[4];
-            for (int i = 0; i < S; i++) {
-                if (W_BF16) {
-                    const uint16_t *r = (const uint16_t *)wr[i] + k;
-                    if (!(k & 31)) PREFETCH(r);
-                    w[i] = bf16x8(r);
-                } else {
-                    const float *r = (const float *)wr[i] + k;
-                    if (!(k & 15)) PREFETCH(r);
-                    w[i] = _mm256_loadu_ps(r);
-                }
-            }
+            for (int i = 0; i < S; i++) w[i] = weights8(wr[i], k, W_BF16);
             for (int m = 0; m < MB; m++) {
                 const __m256 xm = _mm256_loadu_ps(x + m * K + k);
                 for (int i = 0; i < S; i++) a0[i][m] = _mm256_fmadd_ps(w[i], xm, a0[i][m]);
@@ -349,16 +351,7 @@ static inline __attribute__((always_inline)) void rows_float(const float *x, con
         }
     for (; k + 16 <= K; k += 16) {
         for (int i = 0; i < S; i++) {
-            __m256 w0, w1;
-            if (W_BF16) {
-                const uint16_t *r = (const uint16_t *)wr[i] + k;
-                if (!(k & 31)) PREFETCH(r);  // one line per 32 weights
-                w0 = bf16x8(r), w1 = bf16x8(r + 8);
-            } else {
-                const float *r = (const float *)wr[i] + k;
-                PREFETCH(r);
-                w0 = _mm256_loadu_ps(r), w1 = _mm256_loadu_ps(r + 8);
-            }
+            const __m256 w0 = weights8(wr[i], k, W_BF16), w1 = weights8(wr[i], k + 8, W_BF16);
             for (int m = 0; m < MB; m++) {
                 a0[i][m] = _mm256_fmadd_ps(w0, _mm256_loadu_ps(x + m * K + k), a0[i][m]);
                 a1[i][m] = _mm256_fmadd_ps(w1, _mm256_loadu_ps(x + m * K + k + 8), a1[i][m]);
