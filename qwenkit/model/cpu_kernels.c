@@ -86,6 +86,12 @@ static inline float hsum(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+static inline float hmax(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+}
+
 // x (M, K) fp32 -> xq (M, K) int8 and xs (M, G) fp32, G = ceil(K / 32): x[m, k] ~ xq[m, k] * xs[m, k / 32].
 // With xsum non-NULL it also gets the fp32 sum of each block of x (the int4 kernel's minimum term).
 static void quantize_rows_q8(const float *x, int8_t *xq, float *xs, float *xsum, int64_t M, int64_t K) {
@@ -97,9 +103,7 @@ static void quantize_rows_q8(const float *x, int8_t *xq, float *xs, float *xsum,
             const float *xb = x + m * K + g * 32;
             __m256 v[4], a = _mm256_setzero_ps();
             for (int j = 0; j < 4; j++) v[j] = _mm256_loadu_ps(xb + 8 * j), a = _mm256_max_ps(a, _mm256_and_ps(v[j], magnitude));
-            __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-            h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-            const float amax = _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+            const float amax = hmax(a);
             const __m256 inv = _mm256_set1_ps(amax > 0.0f ? 127.0f / amax : 0.0f);
             __m256i i[4];  // round to nearest even, as lrintf
             for (int j = 0; j < 4; j++) i[j] = _mm256_cvtps_epi32(_mm256_mul_ps(v[j], inv));
@@ -501,10 +505,7 @@ static inline float row_max(const float *row, int64_t S, float m) {
     __m256 v = _mm256_set1_ps(m);
     int64_t s = 0;
     for (; s + 8 <= S; s += 8) v = _mm256_max_ps(_mm256_loadu_ps(row + s), v);
-    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    m = _mm_cvtss_f32(h);
+    m = hmax(v);
     for (; s < S; s++) m = row[s] > m ? row[s] : m;
     return m;
 }
