@@ -13,7 +13,7 @@ from .errors import CheckpointError, ConfigError, QwenkitError, RequestError, To
 from .generate import generate, generate_stream
 from .loader import build_model, load_model
 from .model.qwen import QwenForCausalLM
-from .model.quant import quantize
+from .backends.quant import quantize
 
 
 def load_tokenizer(path_or_id=None):

@@ -13,8 +13,8 @@ import torch
 
 from .config import QwenConfig
 from .errors import ConfigError
-from .model.quant import QuantizeOnLoad, check_scheme
-from .model.quant import quantize as quantize_model
+from .backends.quant import QuantizeOnLoad, check_scheme
+from .backends.quant import quantize as quantize_model
 from .model.qwen import QwenForCausalLM
 from .model.weight_map import load_tensors
 

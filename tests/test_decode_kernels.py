@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 import qwenkit
-from qwenkit.model import cpu_kernels, fused_decode
-from qwenkit.model.quant import quantize
+from qwenkit.backends import cpu_kernels, fused_decode
+from qwenkit.backends.quant import quantize
 from tiny import make_checkpoint
 
 pytestmark = pytest.mark.skipif(cpu_kernels.kernels() is None, reason=f"{cpu_kernels.why_unavailable()}")

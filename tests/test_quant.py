@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 import qwenkit
-from qwenkit.model.quant import Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, quantize
+from qwenkit.backends.quant import Bf16Linear, Int4Linear, Int8Linear, QuantEmbedding, quantize
 
 TEXT = """The river ran low that summer, and the children of the village walked its dry bed looking for
 stones that shone. Their grandmother said the water would come back with the autumn rains, as it always
@@ -65,7 +65,7 @@ def test_cpu_gemv_kernels_equal_the_dequantized_product():
     """qwenkit's C kernels against x_q8 @ W_dequantized^T, to fp32 rounding, on odd shapes (an odd
     number of blocks of 32, a short last block, every row count 1..16); x_q8 is x through int8
     blocks of 32, which differs from x by at most half a step of its block."""
-    from qwenkit.model import cpu_kernels
+    from qwenkit.backends import cpu_kernels
 
     if cpu_kernels.kernels() is None:
         pytest.skip(f"no CPU kernels here: {cpu_kernels.why_unavailable()}")
@@ -174,7 +174,7 @@ def test_quantized_embedding_rows(dtype):
 def test_model_linear_uses_the_fp32_gemv_for_a_few_rows_and_keeps_autograd():
     """qwenkit's Linear: 2-8 fp32 rows without autograd go through the CPU GEMV and equal F.linear
     to fp32 rounding; with autograd on it is torch's op (gradients flow)."""
-    from qwenkit.model import cpu_kernels
+    from qwenkit.backends import cpu_kernels
     from qwenkit.model.layers import Linear
 
     torch.manual_seed(0)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from ..model import cpu_kernels
+from ..backends import cpu_kernels
 
 
 class PagedKVCache:

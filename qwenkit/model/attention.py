@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import cpu_kernels
+from ..backends import cpu_kernels
 from .layers import Linear, RMSNorm
 from .rope import apply_rope
 

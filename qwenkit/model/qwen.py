@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from ..config import QwenConfig
-from . import fused_decode
+from ..backends import fused_decode
 from .attention import Attention, KVCache
 from .layers import GatedMLP, Linear, RMSNorm, SparseMoE
 from .rope import Rope

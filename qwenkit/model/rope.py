@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from . import cpu_kernels
+from ..backends import cpu_kernels
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:

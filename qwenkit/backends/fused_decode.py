@@ -23,8 +23,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from .attention import KVCache
-from .layers import GatedMLP, Linear
+from ..model.attention import KVCache
+from ..model.layers import GatedMLP, Linear
 from .quant import Bf16Linear, Int4Linear, Int8Linear
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}  # fp32 / bf16 weights; int8 is 2, int4 3

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from . import cpu_kernels
-from .layers import fp32_linear
+from ..model.layers import fp32_linear
 
 SCHEMES = ("int8", "int4", "bf16")
 
