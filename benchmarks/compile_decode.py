@@ -20,6 +20,7 @@ import time
 import torch
 
 import qwenkit
+from qwenkit.backends import decode_step
 from qwenkit.weights.hub import DEFAULT_MODEL
 
 
@@ -50,8 +51,10 @@ def main() -> None:
     model = qwenkit.load_model(args.model, dtype=torch.float32)
     prompt = torch.randint(0, model.config.vocab_size - 1000, (1, 128), generator=torch.Generator().manual_seed(0))
 
+    one_token = decode_step(model)  # the fused C step where the backend installs it
+
     def step(tok, cache):
-        return model(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        return one_token(tok, cache=cache)[:, -1].argmax(-1, keepdim=True)
 
     run = torch.compile(step, dynamic=True) if args.path == "compile" else step
     times, tokens = decode(model, run, prompt, args.steps)

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from . import backends
 from .config import QwenConfig
 from .errors import ConfigError
 from .backends.quant import QuantizeOnLoad, check_scheme
@@ -92,7 +93,7 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
         on_load.finish()
     elif quantize:
         quantize_model(model, quantize)
-    return model.eval()
+    return backends.install(model.eval())
 
 
 def resolve_path(path_or_id) -> Path:

@@ -10,7 +10,9 @@ import torch
 import torch.nn.functional as F
 
 import qwenkit
-from qwenkit.backends import cpu_kernels, fused_decode
+from qwenkit import backends
+from qwenkit.backends import cpu_kernels
+from qwenkit.backends.fused_decode import FusedDecode
 from qwenkit.backends.quant import quantize
 from tiny import make_checkpoint
 
@@ -129,91 +131,90 @@ def test_rope_equals_the_torch_rotation(B, cos_rows):
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3"])
 def test_model_decode_through_the_kernels_equals_decode_through_torch(tmp_path, arch, monkeypatch):
-    """Logits of 20 cached decode steps (batch 2, left padding: a mask) with and without the kernels."""
+    """Logits of 20 cached decode steps (batch 2, left padding: a mask) through the CPU backend's
+    modules and through the plain torch model."""
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32)
+    assert backends.installed(model) == "cpu-kernels"
     ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(3))
     attention_mask = torch.ones(2, 32, dtype=torch.long)
     attention_mask[1, :4] = 0
-    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: False)  # the modules' own path
     calls = []
     kernel = cpu_kernels.attend_one
+    monkeypatch.setattr(cpu_kernels, "attend_one", lambda *args: calls.append(1) or kernel(*args))
 
-    def counted(*args):
-        calls.append(1)
-        return kernel(*args)
-
-    def decode(attend):
-        monkeypatch.setattr(cpu_kernels, "attend_one", attend)
+    def decode():
         cache, x, out = model.new_cache(2, 32), ids, []
         with torch.no_grad():
             for t in range(20):
-                logits = model(x, attention_mask[:, : 12 + t], cache=cache)[:, -1]
+                logits = model(x, attention_mask[:, : 12 + t], cache=cache)[:, -1]  # the modules, not the step
                 out.append(logits)
                 x = logits.argmax(-1, keepdim=True)
         return torch.stack(out)
 
-    fast = decode(counted)
+    fast = decode()
     assert len(calls) == 19 * model.config.num_hidden_layers  # every step after the prefill
-    monkeypatch.setattr(cpu_kernels, "kernels", lambda: None)  # no C kernel anywhere: torch's ops
-    slow = decode(lambda *args: None)
+    backends.install(model, "torch")
+    slow = decode()
+    assert len(calls) == 19 * model.config.num_hidden_layers
     torch.testing.assert_close(fast, slow, atol=1e-4, rtol=1e-4)
 
 
-def _decode_logits(model, steps=12, B=2, max_len=32):
-    """Logits (steps, B, V) of greedy cached decoding after a 6-token prompt, row 1 left-padded by 3."""
+def _decode_logits(model, steps=12, B=2, max_len=32, fused=True):
+    """Logits (steps, B, V) of greedy cached decoding after a 6-token prompt, row 1 left-padded by
+    3; one-token steps through the installed decode step (`fused`) or the model's modules."""
     ids = torch.randint(0, 256, (B, 6), generator=torch.Generator().manual_seed(5))
     attention_mask = torch.ones(B, max_len, dtype=torch.long)
     attention_mask[1:, :3] = 0
     cache, x, out = model.new_cache(B, max_len), ids, []
+    step = backends.decode_step(model) if fused else model
     with torch.no_grad():
         for t in range(steps):
-            logits = model(x, attention_mask[:, : 6 + t], cache=cache)[:, -1]
+            logits = (model if t == 0 else step)(x, attention_mask[:, : 6 + t], cache=cache)[:, -1]
             out.append(logits)
             x = logits.argmax(-1, keepdim=True)
     return torch.stack(out)
+
+
+def _spy_fused(monkeypatch) -> list:
+    """Record whether each call of the fused step ran the C loop."""
+    taken, run = [], FusedDecode._run_fused
+    monkeypatch.setattr(FusedDecode, "_run_fused", lambda *args: taken.append(run(*args)) or taken[-1])
+    return taken
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "qwen2-tied", "qwen3"])
 @pytest.mark.parametrize("scheme", [None, "int8", "int4", "bf16"])
 def test_fused_decode_step_equals_the_modules(tmp_path, arch, scheme, monkeypatch):
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32, quantize=scheme)
-    taken = []
-    run = fused_decode.decode_layers
-
-    def spy(*args):
-        taken.append(run(*args))
-        return taken[-1]
-
-    monkeypatch.setattr(fused_decode, "decode_layers", spy)
+    taken = _spy_fused(monkeypatch)
     fused = _decode_logits(model)
     assert taken == [True] * 11  # every step after the prompt
-    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: False)
-    torch.testing.assert_close(fused, _decode_logits(model), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(fused, _decode_logits(model, fused=False), atol=1e-4, rtol=1e-4)
 
 
-def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_path, monkeypatch):
+def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_path):
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
+    step = backends.decode_step(model)
     fp32 = _decode_logits(model, steps=4)
-    first_plan = model._decode_plan
+    first_plan = step.plan
     quantize(model, "int8")  # replaces every linear: the plan must be rebuilt, not read the old weights
     int8 = _decode_logits(model, steps=4)
-    assert model._decode_plan is not first_plan
+    assert step.plan is not first_plan
     assert not torch.equal(fp32, int8)
-    with monkeypatch.context() as m:
-        m.setattr(fused_decode, "decode_layers", lambda *args: False)
-        torch.testing.assert_close(int8, _decode_logits(model, steps=4), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(int8, _decode_logits(model, steps=4, fused=False), atol=1e-4, rtol=1e-4)
     cache = model.new_cache(1, 3)
     with torch.no_grad():
         model(torch.tensor([[1, 2, 3]]), cache=cache)
         with pytest.raises(ValueError, match="KV cache holds 3 tokens"):
-            model(torch.tensor([[4]]), cache=cache)
+            step(torch.tensor([[4]]), cache=cache)
         x = model.model.embed_tokens(torch.tensor([[4]]))
         cos, sin = model.rope.cos_sin(torch.tensor([[0]]), torch.float32)
-        assert fused_decode.decode_layers(model, x.clone(), cos, sin, None, model.new_cache(1, 8))
+        masks = [None] * model.config.num_hidden_layers
+        assert step._run_fused(x.clone(), cos, sin, masks, model.new_cache(1, 8))
         for wrong in (model.new_cache(2, 8), model.new_cache(1, 8)):  # another batch; another head layout
             if wrong.k.shape[1] == 1:
                 wrong.k = wrong.k.transpose(2, 3).contiguous()
-            assert not fused_decode.decode_layers(model, x.clone(), cos, sin, None, wrong)
+            assert not step._run_fused(x.clone(), cos, sin, masks, wrong)
 
 
 def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
@@ -223,31 +224,27 @@ def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
 
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
     plain = _decode_logits(model, steps=4)
-    assert model._decode_plan.ok
+    assert backends.decode_step(model).plan.ok
     apply_lora(model, r=2)
     with torch.no_grad():
         for _, m in lora_modules(model):
             for b in m.lora.B.values():
                 b.normal_(0, 0.5)
-    taken = []
-    run = fused_decode.decode_layers
-    monkeypatch.setattr(fused_decode, "decode_layers", lambda *args: taken.append(run(*args)) or taken[-1])
+    taken = _spy_fused(monkeypatch)
     adapted = _decode_logits(model, steps=4)
     assert taken == [False] * 3
     assert not torch.allclose(adapted, plain, atol=1e-3)
-
 
 
 @pytest.mark.parametrize("arch,scheme", [("qwen2", None), ("qwen3", None), ("qwen2-tied", "int8"), ("qwen2", "bf16")])
 def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monkeypatch):
     """The engine's decode steps (rows at different positions, blocks of 4 spread over the pool,
     blocks shared through the prefix cache) run fused and give the logits the modules give, both
-    with their attention reading the pool in place (`PagedKVCache.attend_one`) and with each row's
-    K/V gathered for SDPA. (Not int4 here: the paged readers sum each block of 4 on its own, the
-    gathered rows 64 positions at a time, and int4's activation rounding blows that last-bit
-    difference up in a tiny random model.)"""
+    with their attention reading the pool in place (`CpuSDPA.paged`) and with each row's K/V
+    gathered for SDPA (the plain op's `paged`). (Not int4 here: the paged readers sum each block of 4 on
+    its own, the gathered rows 64 positions at a time, and int4's activation rounding blows that
+    last-bit difference up in a tiny random model.)"""
     from qwenkit.engine import Engine, EngineSettings, SamplingParams
-    from qwenkit.engine.kv_cache import PagedKVCache
     from qwenkit.engine.runner import ModelRunner
 
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", arch), dtype=torch.float32, quantize=scheme)
@@ -255,26 +252,15 @@ def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monk
     shared = torch.randint(0, 256, (9,), generator=gen).tolist()
     prompts = [shared + torch.randint(0, 256, (n,), generator=gen).tolist() for n in (1, 6, 13)]
     prompts.append(torch.randint(0, 256, (3,), generator=gen).tolist())
-    forward, run, attend = ModelRunner.forward, fused_decode.decode_layers, PagedKVCache.attend_one
+    forward, run, attend = ModelRunner.forward, FusedDecode._run_fused, cpu_kernels.attend_paged
 
     def serve(mode: str):
         logits, taken, in_place = [], [], []
-
-        def spy(self, chunks):
-            logits.append(forward(self, chunks))
-            return logits[-1]
-
-        def decode(*args):
-            taken.append(run(*args) if mode == "fused" else False)
-            return taken[-1]
-
-        def attend_one(*args):
-            in_place.append(attend(*args) if mode == "paged" else None)
-            return in_place[-1]
-
-        monkeypatch.setattr(ModelRunner, "forward", spy)
-        monkeypatch.setattr(fused_decode, "decode_layers", decode)
-        monkeypatch.setattr(PagedKVCache, "attend_one", attend_one)
+        monkeypatch.setattr(ModelRunner, "forward", lambda self, chunks: logits.append(forward(self, chunks)) or logits[-1])
+        monkeypatch.setattr(FusedDecode, "_run_fused",
+                            lambda *args: taken.append(run(*args) if mode == "fused" else False) or taken[-1])
+        monkeypatch.setattr(cpu_kernels, "attend_paged",  # declined: SDPA over the gathered rows
+                            lambda *args: in_place.append(attend(*args) if mode == "paged" else None) or in_place[-1])
         engine = Engine(model, EngineSettings(block_size=4, num_blocks=48, max_num_seqs=4, max_prefill_tokens=16))
         for i, prompt in enumerate(prompts):
             engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True), request_id=str(i))
@@ -284,9 +270,10 @@ def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monk
 
     fused, taken, _ = serve("fused")
     paged, _, in_place = serve("paged")
-    gathered, _, _ = serve("gathered")
+    gathered, _, declined = serve("gathered")
     assert len(taken) >= 9 and all(taken)  # every decode step of the engine went through the C loop
     assert len(in_place) >= 9 * model.config.num_hidden_layers and all(o is not None for o in in_place)
+    assert declined and all(o is None for o in declined)
     assert len(fused) == len(paged) == len(gathered)
     for a, b, c in zip(fused, paged, gathered):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)

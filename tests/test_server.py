@@ -58,10 +58,11 @@ class ScriptedQwen(QwenForCausalLM):
     """A Qwen model that, after a prompt of length L in `scripts`, must produce scripts[L]."""
     scripts: dict[int, list[int]] = {}
 
-    def forward(self, input_ids, *args, positions=None, logits_to_keep=0, **kwargs):
-        logits = super().forward(input_ids, *args, positions=positions, logits_to_keep=logits_to_keep, **kwargs)
-        if positions is None:
-            return logits
+    def forward(self, input_ids, attention_mask=None, *, cache=None, logits_to_keep=0):
+        if cache is None:
+            return super().forward(input_ids, attention_mask, logits_to_keep=logits_to_keep)
+        positions, _ = cache.begin(attention_mask, input_ids.shape[1])  # asked before the call stores anything
+        logits = super().forward(input_ids, attention_mask, cache=cache, logits_to_keep=logits_to_keep)
         for (b, t), pos in zip(torch.cartesian_prod(*map(torch.arange, logits.shape[:2])).tolist(),
                                positions[:, -logits.shape[1]:].flatten().tolist()):
             for length, script in self.scripts.items():

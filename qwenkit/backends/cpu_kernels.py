@@ -51,8 +51,8 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_f32_gemv.restype = lib.qk_int8_dequant.restype = lib.qk_int4_dequant.restype = ctypes.c_int
-    lib.qk_int8_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int]
-    lib.qk_int4_dequant.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int]
+    lib.qk_int8_dequant.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
+    lib.qk_int4_dequant.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 2 + [ctypes.c_int] * 2
     lib.qk_f32_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_bf16_gemv.restype = ctypes.c_int
     lib.qk_bf16_gemv.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -194,20 +194,22 @@ def f32_gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -
     return y
 
 
-def int8_dequant(weight: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
-    """weight (N, K) int8, scales (N,) fp32 -> (N, K) fp32 in one multi-threaded pass."""
-    out = torch.empty(weight.shape, dtype=torch.float32)
+def int8_dequant(weight: torch.Tensor, scales: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    """weight (N, K) int8, scales (N,) fp32 -> (N, K) in dtype (fp32, or bf16 rounded to nearest
+    even) in one multi-threaded pass."""
+    out = torch.empty(weight.shape, dtype=dtype)
     kernels().qk_int8_dequant(weight.data_ptr(), scales.data_ptr(), out.data_ptr(), *weight.shape,
-                              torch.get_num_threads())
+                              dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 
-def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, N: int) -> torch.Tensor:
-    """packed, scales, mins from pack_int4 of N rows -> (N, K) fp32."""
+def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor, N: int,
+                 dtype=torch.float32) -> torch.Tensor:
+    """packed, scales, mins from pack_int4 of N rows -> (N, K) in dtype (fp32 or bf16)."""
     K = packed.shape[1] // 4
-    out = torch.empty(N, K, dtype=torch.float32)
+    out = torch.empty(N, K, dtype=dtype)
     kernels().qk_int4_dequant(packed.data_ptr(), scales.data_ptr(), mins.data_ptr(), out.data_ptr(), N, K,
-                              torch.get_num_threads())
+                              dtype == torch.bfloat16, torch.get_num_threads())
     return out
 
 

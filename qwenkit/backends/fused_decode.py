@@ -5,7 +5,9 @@ Run from Python, one token through a 0.5B model is ~100 GEMVs and ~250 small ope
 paying 5-30 us of interpreter and dispatch time: 10-15 ms a step, as much as an int4 step's
 arithmetic. The C loop runs the same kernels back to back. It takes dense layers (SwiGLU, no
 sliding window) whose linears are fp32, bf16, int8 or qwenkit-layout int4; anything else runs the
-modules as usual. `decode_layers` answers False whenever it does not apply.
+modules as usual. `FusedDecode` is installed by the backend as the model's decode step
+(`backends.decode_step`): `generate` and the engine's runner call it for one-token steps, and it
+runs the modules itself for whatever the C loop does not take, so callers always get logits.
 
 The plan (one struct of pointers per layer) is built once per model and rebuilt when a layer's
 modules or tensors are replaced (quantize, `.to()`) or forward hooks come or go (LoRA adds its
@@ -19,12 +21,11 @@ import ctypes
 import operator
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from ..model.layers import GatedMLP
 from . import cpu_kernels
-from ..model.attention import KVCache
-from ..model.layers import GatedMLP, Linear
+from .cpu import CpuLinear, kernel_layout
 from .quant import Bf16Linear, Int4Linear, Int8Linear
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}  # fp32 / bf16 weights; int8 is 2, int4 3
@@ -50,7 +51,7 @@ def _linear(mod, keep: list) -> _Linear | None:
     bias = getattr(mod, "bias", None)
     if not _fp32(bias):
         return None
-    if type(mod) in (Linear, Bf16Linear) and mod.weight.dtype in KINDS and mod.weight.is_contiguous():
+    if type(mod) in (nn.Linear, CpuLinear, Bf16Linear) and mod.weight.dtype in KINDS and mod.weight.is_contiguous():
         desc = _Linear(KINDS[mod.weight.dtype], *mod.weight.shape, mod.weight.data_ptr(), None, None)
         tensors = [mod.weight]
     elif type(mod) is Int8Linear and mod.scales.dtype == torch.float32:
@@ -104,7 +105,7 @@ class _Plan:
                 break
             attn, mlp = layer.self_attn, layer.mlp
             norms = [layer.input_layernorm, layer.post_attention_layernorm, attn.q_norm, attn.k_norm]
-            if (not isinstance(mlp, GatedMLP) or mlp.act is not F.silu
+            if (not isinstance(mlp, GatedMLP) or mlp.act_fn.name != "silu"
                     or not all(m is None or _fp32(m.weight) for m in norms)):
                 self.ok = False
                 break
@@ -124,63 +125,68 @@ class _Plan:
         return len(current) == len(self.depends) and all(map(operator.is_, current, self.depends))
 
 
-def _static_cache(cache: KVCache, B: int, shape) -> tuple | None:
-    """(layout, layer stride, slot positions) of a static cache the plan can write, else None."""
-    _, Hkv, D, _ = shape
-    if (cache.k.shape[1:] != (B, Hkv, cache.max_len, D) or cache.length + 1 > cache.max_len
-            or not (cache.k.is_contiguous() and cache.v.is_contiguous())):
-        return None  # the modules then raise their own error (a full cache, a cache of another shape)
-    layout = cpu_kernels.Layout(Hkv * cache.max_len * D, cache.max_len * D, D, None, 0, 1)
-    return layout, B * Hkv * cache.max_len * D, torch.full((B,), cache.length, dtype=torch.int64)
+class FusedDecode:
+    """`step(input_ids, cache=..., attention_mask=None, logits_to_keep=1)` -> logits, like the
+    model's forward, for one-token calls; the C loop runs the layers when it takes them."""
 
+    def __init__(self, model):
+        self.model = model
+        self.plan = None
 
-def _paged_cache(cache, B: int, shape, positions: torch.Tensor | None) -> tuple | None:
-    """The same for an engine's paged pool (layers, slots, Hkv, D) read through its block tables."""
-    _, Hkv, D, _ = shape
-    tables = cache.block_tables
-    if (positions is None or positions.shape != (B, 1) or tables.shape[0] != B or cache.k.shape[2:] != (Hkv, D)
-            or not cache.v.is_contiguous()):
-        return None
-    pos = positions[:, 0].contiguous()
-    # None: a position without a block, or a block outside the pool: never write there
-    layout = cpu_kernels.paged_layout(tables, cache.block_size, cache.k, int(pos.max()) + 1)
-    return None if layout is None else (layout, cache.k.shape[1] * Hkv * D, pos)
+    def __call__(self, input_ids, attention_mask=None, *, cache, logits_to_keep: int = 0) -> torch.Tensor:
+        model = self.model
+        x, cos, sin, masks = model.begin(input_ids, attention_mask, cache)
+        if not self._run_fused(x, cos, sin, masks, cache):
+            x = model.run_layers(x, cos, sin, masks, cache)
+        return model.finish(x, cache, input_ids.shape[1], logits_to_keep)
 
+    def _current_plan(self) -> _Plan:
+        if self.plan is None or not self.plan.valid_for(self.model):
+            self.plan = _Plan(self.model)
+        return self.plan
 
-def decode_layers(model, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask, cache,
-                  positions: torch.Tensor | None = None) -> bool:
-    """Run every layer on x (B, 1, H) in place, one new token per row, writing K/V to `cache`: a
-    static KVCache at its current length, or an engine's paged cache at each row's position
-    (`positions` (B, 1)) through the block tables the runner prepared. False (nothing done) when
-    the C loop does not apply."""
-    B, T, hidden = x.shape
-    paged = getattr(cache, "block_tables", None) is not None
-    if (T != 1 or not (type(cache) is KVCache or paged) or not cpu_kernels.fp32_inference(x, cache.k)
-            or B > cpu_kernels.MAX_ROWS or not x.is_contiguous() or isinstance(mask, list)):
-        return False
-    plan = getattr(model, "_decode_plan", None)
-    if plan is None or not plan.valid_for(model):
-        plan = model._decode_plan = _Plan(model)
-    if not plan.ok or cache.k.shape[0] != len(plan.layers) or cache.v.shape != cache.k.shape:
-        return False
-    where = _paged_cache(cache, B, plan.shape, positions) if paged else _static_cache(cache, B, plan.shape)
-    if where is None:
-        return False
-    layout, layer_stride, pos = where
-    S = int(pos.max()) + 1
-    rows = 0
-    if mask is not None:
-        if mask.dtype != torch.bool or mask.shape[0] not in (1, B) or mask.shape[1:] != (1, 1, S):
+    def _run_fused(self, x, cos, sin, masks, cache) -> bool:
+        """Every layer on x (B, 1, H) in place, writing K/V where `cache.slots()` says; False
+        (nothing done) where the C loop does not apply."""
+        B, T, hidden = x.shape
+        if T != 1 or B > cpu_kernels.MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous() \
+                or len({id(m) for m in masks}) != 1:  # one mask for all layers: no sliding windows
             return False
-        rows = mask.shape[0]
-        mask = mask.reshape(rows, S).contiguous()
-    elif not bool((pos == pos[0]).all()):
-        return False  # without a mask every row would see every position up to the longest row's
-    H, Hkv, D, I = plan.shape
-    cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
-    rc = cpu_kernels.kernels().qk_decode_layers(
-        plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
-        sin.data_ptr(), cos.shape[0], cache.k.data_ptr(), cache.v.data_ptr(), layer_stride, ctypes.byref(layout),
-        pos.data_ptr(), None if mask is None else mask.data_ptr(), rows, torch.get_num_threads())
-    cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {S - 1}")
-    return True
+        plan = self._current_plan()
+        slots = cache.slots()
+        if not plan.ok or not _takes(slots, B, plan):
+            return False
+        layout = kernel_layout(slots)
+        mask, rows = masks[0], 0
+        if layout is None:
+            return False
+        if mask is not None:
+            rows = mask.shape[0]
+            if mask.dtype != torch.bool or rows not in (1, B) or mask.shape[1:] != (1, 1, slots.read_len):
+                return False
+            mask = mask.reshape(rows, slots.read_len).contiguous()
+        elif not bool((slots.write_at == slots.write_at[0]).all()):
+            return False  # without a mask every row would see every position up to the longest row's
+        H, Hkv, D, I = plan.shape
+        cos, sin = cos.reshape(-1, cos.shape[-1]).contiguous(), sin.reshape(-1, sin.shape[-1]).contiguous()
+        pos = slots.write_at
+        rc = cpu_kernels.kernels().qk_decode_layers(
+            plan.layers, len(plan.layers), x.data_ptr(), B, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
+            sin.data_ptr(), cos.shape[0], slots.k.data_ptr(), slots.v.data_ptr(), slots.layer_stride,
+            ctypes.byref(layout), pos.data_ptr(), None if mask is None else mask.data_ptr(), rows,
+            torch.get_num_threads())
+        cpu_kernels._check(rc, f"the fused decode step does not take a batch of {B} at position {int(pos.max())}")
+        return True
+
+
+def _takes(slots, B: int, plan: _Plan) -> bool:
+    """Whether the cache's storage is what the C loop writes: fp32 on the CPU, contiguous, the
+    plan's layers and heads, a position for each of the B rows inside the storage."""
+    _, Hkv, D, _ = plan.shape
+    k, v = slots.k, slots.v
+    if (k.dtype != torch.float32 or k.device.type != "cpu" or k.shape != v.shape or not k.is_contiguous()
+            or not v.is_contiguous() or k.shape[0] != len(plan.layers) or slots.write_at.shape != (B,)):
+        return False
+    if slots.tables is None:  # static (layers, B, Hkv, max_len, D): a full cache raises in the modules
+        return k.shape[1:] == (B, Hkv, k.shape[3], D) and slots.read_len <= k.shape[3]
+    return k.shape[2:] == (Hkv, D) and slots.tables.shape[0] == B

@@ -9,18 +9,31 @@ rows for "bf16") and calls torch's weight-only kernels
 weights, so halving (bf16, int8) or quartering (int4) the bytes read is what makes it faster. On an
 AVX2 CPU, fp32 calls of up to 16 rows (decode) go to qwenkit's own GEMVs (`cpu_kernels.c`), which
 stream the weights once (int8/int4 multiply in integers against x quantized to int8 blocks; bf16
-is widened in registers); longer inputs (prefill) dequantize W once and use the fp32 GEMM.
+is widened in registers); longer inputs (prefill) dequantize W once a call and use the GEMM
+of `PREFILL_DTYPE`: bf16 where the CPU multiplies it natively (AVX512-BF16, AMX: 3-4x the fp32
+GEMM's rate), else fp32.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from . import cpu_kernels
-from ..model.layers import fp32_linear
+from .cpu import fp32_linear
+from .host import native_bf16
 
 SCHEMES = ("int8", "int4", "bf16")
+PREFILL_DTYPE = torch.bfloat16 if native_bf16() else torch.float32  # a fact of the host, read once
+
+
+def prefill_matmul(x2: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x2 (M, K) fp32 times a weight w (N, K) in fp32 or bf16 -> (M, N) fp32: a bf16 weight gets
+    a bf16 GEMM (x rounded to bf16, as a bf16 model computes), an fp32 one the fp32 GEMM."""
+    if w.dtype == torch.bfloat16:
+        return F.linear(x2.to(torch.bfloat16), w).float()
+    return fp32_linear(x2, w, None)
 
 
 class Int8Linear(nn.Module):
@@ -34,11 +47,11 @@ class Int8Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = linear.in_features, linear.out_features
 
-    def dequantized(self) -> torch.Tensor:
-        """W as fp32 (N, K)."""
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """W as (N, K) in dtype (fp32 or bf16)."""
         if self.weight.device.type == "cpu" and cpu_kernels.kernels() is not None:
-            return cpu_kernels.int8_dequant(self.weight, self.scales.float())
-        return self.weight.float() * self.scales.float()[:, None]
+            return cpu_kernels.int8_dequant(self.weight, self.scales.float(), dtype)
+        return (self.weight.float() * self.scales.float()[:, None]).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -46,8 +59,8 @@ class Int8Linear(nn.Module):
         if cpu_kernels.takes(x2):
             return cpu_kernels.int8_gemv(x2, self.weight, self.scales.float(), self.bias).reshape(*shape[:-1], -1)
         if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
-            if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: one dequantized copy of W, then fp32 GEMM
-                y = fp32_linear(x2, self.dequantized(), None)
+            if x2.shape[0] > cpu_kernels.MAX_ROWS:  # prefill: one dequantized copy of W, then the GEMM
+                y = prefill_matmul(x2, self.dequantized(PREFILL_DTYPE))
                 y = y.reshape(*shape[:-1], self.out_features)
                 return y if self.bias is None else y + self.bias
         y = torch._weight_int8pack_mm(x2, self.weight, self.scales)  # (M, N)
@@ -58,8 +71,8 @@ class Int8Linear(nn.Module):
 class Bf16Linear(nn.Module):
     """y = x W^T (+ b) with W stored in bf16 and x in the model's dtype (fp32 on a CPU without
     native bf16 arithmetic, where torch's bf16 matmul crawls): half of fp32's bytes per decode
-    step, fp32 arithmetic. Decode (<= 16 rows) runs qwenkit's bf16 GEMV; prefill widens W to
-    fp32 once per call for the GEMM."""
+    step, fp32 arithmetic. Decode (<= 16 rows) runs qwenkit's bf16 GEMV; prefill multiplies W as
+    stored with the bf16 GEMM where the CPU has one natively, else widens W to fp32 for the GEMM."""
 
     def __init__(self, linear: nn.Linear, source=None):
         super().__init__()
@@ -72,6 +85,9 @@ class Bf16Linear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])
         if cpu_kernels.takes(x2):
             return cpu_kernels.f32_gemv(x2, self.weight, self.bias).reshape(*x.shape[:-1], -1)
+        if x.dtype == torch.float32 and PREFILL_DTYPE == torch.bfloat16:  # the bf16 GEMM on W as stored
+            y = prefill_matmul(x2, self.weight).reshape(*x.shape[:-1], -1)
+            return y if self.bias is None else y + self.bias
         return fp32_linear(x, self.weight.to(x.dtype), self.bias)
 
 
@@ -106,13 +122,14 @@ class Int4Linear(nn.Module):
         self.bias = linear.bias
         self.in_features, self.out_features = K, N
 
-    def dequantized(self) -> torch.Tensor:
-        """W as fp32 (N, K) (qwenkit's layout only)."""
+    def dequantized(self, dtype=torch.float32) -> torch.Tensor:
+        """W as (N, K) in dtype (fp32 or bf16) (qwenkit's layout only)."""
         if cpu_kernels.kernels() is not None:
-            return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins, self.out_features)
+            return cpu_kernels.int4_dequant(self.qweight, self.scales, self.mins, self.out_features, dtype)
         q, scales, mins = cpu_kernels.unpack_int4(self.qweight, self.scales, self.mins, self.out_features)
         q = q.float().reshape(self.out_features, -1, self.group_size)
-        return (q * scales.float()[..., None] + mins.float()[..., None]).reshape(self.out_features, self.in_features)
+        w = q * scales.float()[..., None] + mins.float()[..., None]
+        return w.reshape(self.out_features, self.in_features).to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -121,7 +138,7 @@ class Int4Linear(nn.Module):
             if cpu_kernels.takes(x2):
                 return cpu_kernels.int4_gemv(x2, self.qweight, self.scales, self.mins, self.bias,
                                              self.out_features).reshape(*shape[:-1], -1)
-            y = fp32_linear(x2, self.dequantized().to(x.dtype), None)  # prefill: one dequantized W, then the GEMM
+            y = prefill_matmul(x2, self.dequantized(PREFILL_DTYPE))  # prefill: one dequantized W, then the GEMM
         elif self.device_kind == "cpu":
             y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, self.group_size, self.scale_zero)
         else:

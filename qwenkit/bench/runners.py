@@ -19,10 +19,12 @@ import torch
 class QwenkitRunner:
     def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
         import qwenkit
+        from qwenkit.backends import decode_step
 
         self.device = device
         self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype), device=device, quantize=quant)
         self.cache = None
+        self.decode = decode_step(self.model)
 
     @torch.inference_mode()
     def prefill(self, ids: list[list[int]], extra: int) -> list[int]:
@@ -32,7 +34,7 @@ class QwenkitRunner:
 
     @torch.inference_mode()
     def step(self, tokens: list[int]) -> list[int]:
-        logits = self.model(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)  # (B, 1, V)
+        logits = self.decode(torch.tensor(tokens, device=self.device)[:, None], cache=self.cache)  # (B, 1, V)
         return logits[:, -1].argmax(-1).tolist()
 
 

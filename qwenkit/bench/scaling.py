@@ -17,6 +17,8 @@ import time
 
 import torch
 
+from ..backends import decode_step, install
+
 
 @torch.no_grad()
 def as_mha(model):
@@ -36,7 +38,7 @@ def as_mha(model):
         state[name] = tensor
     twin.load_state_dict(state)
     twin.eos_token_ids = model.eos_token_ids
-    return twin.eval()
+    return install(twin.eval())  # the same backend as the model's
 
 
 @torch.inference_mode()
@@ -45,12 +47,13 @@ def decode_rate(model, context: int, batch: int, steps: int = 16) -> float:
     cache = model.new_cache(batch, context + steps + 1)
     cache.k[:, :, :, :context].normal_()
     cache.v[:, :, :, :context].normal_()
-    cache.advance(context)
+    cache.end(context)
+    step = decode_step(model)
     tokens = torch.full((batch, 1), 1000, device=model.device)
-    model(tokens, cache=cache)  # warm-up step
+    step(tokens, cache=cache)  # warm-up step
     t0 = time.perf_counter()
     for _ in range(steps):
-        tokens = model(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
+        tokens = step(tokens, cache=cache)[:, -1].argmax(-1, keepdim=True)
     return batch * steps / (time.perf_counter() - t0)
 
 

@@ -1,19 +1,18 @@
 """The paged KV cache on the device: one pool of token slots per layer, read through block tables.
 
-Slot `block_id * block_size + offset` holds the K/V of one token. Each step the runner gives
-the cache where the new tokens go (`write_slots`) and which slots each row attends to
-(`read_slots`, position order, padded); `update` is what the model's attention calls. That is
-the plain-torch path: it gathers each row's K/V into a padded (B, n_kv, S, D) tensor that SDPA
-reads with a mask, and runs anywhere torch does. On a CPU in fp32, a decode step's attention
-reads the pool in place through the block tables instead (`attend_one`), and the fused decode
-step (`model/fused_decode.py`) does the same for whole layers.
+Slot `block_id * block_size + offset` holds the K/V of one token. Before each model call the
+runner tells the cache where the call's rows stand (`prepare`): their positions and masks, the
+slots the new tokens go to and the block tables the rows read through. The model then talks to
+it through the cache interface (`model/cache.py`): `attend` stores the new K/V and hands the
+pool to the attention op with a `SlotMap`, so a backend's kernel reads the blocks in place
+(plain torch gathers them). Lengths live in the scheduler's sequences, so `end` has nothing to do.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..backends import cpu_kernels
+from ..model.cache import SlotMap
 
 
 class PagedKVCache:
@@ -23,52 +22,43 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
-        self.length = 0  # the model reads it only when not given positions and a mask
-        self.write_slots = self.write_rows = self.read_slots = self.block_tables = None
-        self._layout = None  # (positions, cpu_kernels.Layout or None) of this step's block tables
+        self._call = None  # (positions, masks, write_slots, write_rows, SlotMap) of the prepared call
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * n_kv * head_dim * dtype.itemsize
 
-    def prepare(self, write_slots: torch.Tensor, write_rows: torch.Tensor, read_slots: torch.Tensor,
-                block_tables: torch.Tensor | None = None) -> None:
-        """write_slots (N,): slots for the N real new tokens; write_rows (N,): their index in the
-        flattened (B*T) step input; read_slots (B, S): the slots each row attends to; block_tables
-        (B, blocks): the blocks read_slots come from, for readers that walk whole blocks (the
-        fused decode step)."""
-        self.write_slots, self.write_rows, self.read_slots = write_slots, write_rows, read_slots
-        self.block_tables = block_tables
-        self._layout = None
+    def prepare(self, positions: torch.Tensor, masks: list, write_slots: torch.Tensor, write_rows: torch.Tensor,
+                read_slots: torch.Tensor, block_tables: torch.Tensor) -> None:
+        """The next call's rows: positions (B, T) and a mask per layer; write_slots (N,): slots for
+        the N real new tokens; write_rows (N,): their index in the flattened (B*T) input;
+        read_slots (B, S): the slots each row attends to, in position order; block_tables
+        (B, blocks): the blocks read_slots come from."""
+        _, slots, n_kv, D = self.k.shape
+        last = positions[:, -1].contiguous()  # a one-token call writes there
+        slot_map = SlotMap(self.k, self.v, slots * n_kv * D, 0, D, n_kv * D, last, read_slots.shape[1],
+                           tables=block_tables.contiguous(), block_size=self.block_size, read_slots=read_slots)
+        self._call = positions, masks, write_slots, write_rows, slot_map
 
-    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Store the new k, v (B, n_kv, T, D); return each row's keys/values (B, n_kv, S, D)."""
+    def begin(self, attention_mask, T: int):
+        if attention_mask is not None:
+            raise ValueError("a paged cache takes positions and masks from the runner, not an attention_mask")
+        positions, masks = self._call[:2]
+        return positions, masks
+
+    def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
         self._store(layer, k, v)
-        k_all = self.k[layer][self.read_slots]  # (B, S, n_kv, D)
-        v_all = self.v[layer][self.read_slots]
-        return k_all.transpose(1, 2), v_all.transpose(1, 2)
+        return sdpa.paged(q, self.k[layer], self.v[layer], self._call[4], mask)
 
-    def attend_one(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                   mask: torch.Tensor | None) -> torch.Tensor | None:
-        """Decode attention without the gathered copy `update` makes: store the new k, v
-        (B, n_kv, 1, D) and return (B, H, 1, D) for q read straight from the pool through the block
-        tables (`cpu_kernels.attend_paged`: fp32 on a CPU with the kernels built). None where that
-        does not apply; the caller then uses `update`."""
-        if self.block_tables is None or mask is None or k.shape[2] != 1 or not cpu_kernels.fp32_inference(q, self.k):
-            return None
-        S = mask.shape[-1]
-        if self._layout is None or self._layout[0] != S:  # checked once a step, not once a layer
-            self._layout = S, cpu_kernels.paged_layout(self.block_tables, self.block_size, self.k, S)
-        if self._layout[1] is None or self.block_tables.shape[0] != q.shape[0]:
-            return None
-        self._store(layer, k, v)  # if the kernel still declines, update stores the same values again
-        return cpu_kernels.attend_paged(q, self.k[layer], self.v[layer], self._layout[1], mask)
+    def end(self, T: int) -> None:
+        pass
+
+    def slots(self) -> SlotMap:
+        return self._call[4]
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         B, n_kv, T, D = k.shape
+        _, _, write_slots, write_rows, _ = self._call
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):
             flat = new.transpose(1, 2).reshape(B * T, n_kv, D)  # (B*T, n_kv, D)
-            pool.index_copy_(0, self.write_slots, flat.index_select(0, self.write_rows))
-
-    def advance(self, n: int) -> None:
-        pass
+            pool.index_copy_(0, write_slots, flat.index_select(0, write_rows))

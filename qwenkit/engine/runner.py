@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import decode_step
+from ..model.masks import slot_masks
 from .kv_cache import PagedKVCache
 from .sampler import Sample, Sampler
 from .scheduler import Chunk
@@ -32,6 +34,7 @@ class ModelRunner:
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler()
+        self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
         # Set by tensor parallelism: called with each step's groups before they run, so the
         # other ranks run the same model calls on their shards.
         self.broadcast = None
@@ -63,8 +66,9 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Next-token logits (B, V) after each chunk's last token."""
-        input_ids, positions, mask = self.prepare(chunks)
-        return self.model(input_ids, cache=self.cache, positions=positions, mask=mask, logits_to_keep=1)[:, -1]
+        input_ids = self.prepare(chunks)
+        run = self.decode if input_ids.shape[1] == 1 else self.model
+        return run(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
 
     def prepare(self, chunks: list[Chunk]):
         dev, bs = self.device, self.block_size
@@ -81,18 +85,10 @@ class ModelRunner:
         ids = _pad([c.tokens for c in chunks], T, dev, left=True)
         write_rows = real.flatten().nonzero().squeeze(1)  # (N,)
         write_slots = read_slots.gather(1, positions).flatten().index_select(0, write_rows)  # (N,)
-        self.cache.prepare(write_slots, write_rows, read_slots, tables)
-        return ids, positions, self._mask(positions, real, j)
-
-    def _mask(self, positions, real, j):
-        """bool (B, 1, T, S): causal over each row's own slots; padding queries see slot 0 only."""
-        dist = positions[:, :, None] - j[None, None, :]  # (B, T, S)
-        base = (dist >= 0) & real[:, :, None]
-        pad_row = ~real[:, :, None] & (j == 0)[None, None, :]
-        if set(self.windows) == {None}:
-            return (base | pad_row)[:, None]
-        masks = {w: ((base if w is None else base & (dist < w)) | pad_row)[:, None] for w in set(self.windows)}
-        return [masks[w] for w in self.windows]
+        # causal over each row's own slots, in position order (padding queries see what precedes them)
+        masks = slot_masks(positions, S, self.windows)
+        self.cache.prepare(positions, masks, write_slots, write_rows, read_slots, tables)
+        return ids
 
 
 def _pad(rows: list[list[int]], width: int, device, left: bool = False) -> torch.Tensor:

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..backends import decode_step
+
 FILLER = [
     "The river bends twice before it reaches the old mill at the edge of town.",
     "Farmers in the valley plant barley in spring and harvest it before the autumn rains.",
@@ -57,13 +59,13 @@ def answer(model, ids: list[int], max_new_tokens: int = 16) -> tuple[list[int], 
     for i in range(0, len(ids), CHUNK):
         logits = model(torch.tensor([ids[i:i + CHUNK]], device=model.device), cache=cache, logits_to_keep=1)
     prefill = time.perf_counter() - start
-    out = []
+    out, step = [], decode_step(model)
     for _ in range(max_new_tokens):
         token = int(logits[0, -1].argmax())
         if token in model.eos_token_ids:
             break
         out.append(token)
-        logits = model(torch.tensor([[token]], device=model.device), cache=cache, logits_to_keep=1)
+        logits = step(torch.tensor([[token]], device=model.device), cache=cache, logits_to_keep=1)
     return out, prefill, cache.k.nbytes + cache.v.nbytes
 
 

@@ -2,6 +2,7 @@
 
 Parameters are created empty; weights always come from a checkpoint or an explicit init
 (`QwenForCausalLM.init_weights`). Expert weights are stored stacked, one tensor per projection.
+Plain torch only: faster forms of these modules are installed from outside (`qwenkit.backends`).
 """
 
 from __future__ import annotations
@@ -10,39 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..backends import cpu_kernels
-
 ACTIVATIONS = {"silu": F.silu, "gelu": lambda x: F.gelu(x, approximate="tanh"), "relu": F.relu}
-GEMV_ROWS = (2, 8)  # fp32 rows for which qwenkit's CPU GEMV beats torch's GEMM (measured on AVX2)
-# More rows (prefill, large batches) go to oneDNN's fp32 GEMM where torch has it: on this AMD CPU,
-# one core, it multiplies 17-128 rows 1.35-1.65x faster than F.linear's MKL path, 512 rows 1.03-1.13x.
-ONEDNN = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-
-
-class Linear(nn.Linear):
-    """nn.Linear whose inference on 2-8 rows of fp32 on an AVX2 CPU runs qwenkit's GEMV
-    (`cpu_kernels.c`): torch's GEMM is at the bandwidth bound for one row but 2-3x slower per call
-    for a handful (batched decode), while the GEMV reads the weights once for all rows."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // x.shape[-1] if x.numel() else 0
-        if (rows >= GEMV_ROWS[0] and x.dtype == torch.float32 and x.device.type == "cpu"
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))
-                and self.weight.dtype == torch.float32
-                and self.weight.is_contiguous()):
-            if rows <= GEMV_ROWS[1]:
-                if cpu_kernels.kernels() is not None:
-                    return cpu_kernels.f32_gemv(x.reshape(rows, -1), self.weight, self.bias).reshape(*x.shape[:-1], -1)
-            else:
-                return fp32_linear(x, self.weight, self.bias)
-        return super().forward(x)
-
-
-def fp32_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """x W^T (+ bias) for fp32 inference on the CPU (many rows): oneDNN's GEMM where torch has it."""
-    if ONEDNN and x.device.type == "cpu" and x.dtype == weight.dtype == torch.float32 and not torch.is_grad_enabled():
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
-    return F.linear(x, weight, bias)
 
 
 class RMSNorm(nn.Module):
@@ -52,12 +21,24 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if cpu_kernels.fp32_inference(x, self.weight):
-            return cpu_kernels.rms_norm(x, self.weight, self.eps)
         # Normalise in float32 and multiply after casting back, as the reference does (bf16 parity).
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class GatedActivation(nn.Module):
+    """act(gate) * up for gate_up (..., 2I) holding [gate | up] -> (..., I). A module of its own
+    so that a backend can swap in a one-pass kernel."""
+
+    def __init__(self, act: str = "silu"):
+        super().__init__()
+        self.name = act
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, gate_up: torch.Tensor) -> torch.Tensor:
+        gate, up = gate_up.chunk(2, dim=-1)  # (..., I) each
+        return self.act(gate) * up
 
 
 class GatedMLP(nn.Module):
@@ -66,16 +47,12 @@ class GatedMLP(nn.Module):
     def __init__(self, hidden: int, intermediate: int, act: str = "silu"):
         super().__init__()
         self.intermediate = intermediate
-        self.gate_up_proj = Linear(hidden, 2 * intermediate, bias=False)
-        self.down_proj = Linear(intermediate, hidden, bias=False)
-        self.act = ACTIVATIONS[act]
+        self.gate_up_proj = nn.Linear(hidden, 2 * intermediate, bias=False)
+        self.down_proj = nn.Linear(intermediate, hidden, bias=False)
+        self.act_fn = GatedActivation(act)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate_up = self.gate_up_proj(x)  # (..., 2I)
-        if self.act is F.silu and cpu_kernels.fp32_inference(gate_up):
-            return self.down_proj(cpu_kernels.silu_mul(gate_up))
-        gate, up = gate_up.chunk(2, dim=-1)  # (..., I) each
-        return self.down_proj(self.act(gate) * up)
+        return self.down_proj(self.act_fn(self.gate_up_proj(x)))  # (..., 2I) -> (..., I) -> (..., H)
 
 
 class Experts(nn.Module):

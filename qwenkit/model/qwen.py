@@ -12,9 +12,10 @@ import torch
 from torch import nn
 
 from ..config import QwenConfig
-from ..backends import fused_decode
-from .attention import Attention, KVCache
-from .layers import GatedMLP, Linear, RMSNorm, SparseMoE
+from .attention import Attention
+from .cache import KVCache
+from .layers import GatedMLP, RMSNorm, SparseMoE
+from .masks import causal_masks, positions_of
 from .rope import Rope
 
 
@@ -46,19 +47,22 @@ class QwenForCausalLM(nn.Module):
     """`model(input_ids, attention_mask=None)` -> float logits (B, T, vocab).
 
     With a 1/0 `attention_mask` (left padding), positions count only real tokens, so each row's
-    logits equal those of the sequence run alone. Pass a `KVCache` to decode incrementally; an fp32
-    model on the CPU then runs each one-token step's layers in one C call (`fused_decode.py`).
+    logits equal those of the sequence run alone. Pass a cache (`model/cache.py`: `new_cache`, or
+    an engine's paged cache) to decode incrementally. A forward is `begin` (embeddings, positions,
+    masks), `run_layers` and `finish` (norm, LM head); a backend's decode step reuses the first
+    and last and runs the layers its own way.
     """
 
     def __init__(self, cfg: QwenConfig):
         super().__init__()
         self.config = cfg
         self.model = QwenBackbone(cfg)
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
         self.eos_token_ids: list[int] = list(cfg.eos_token_id)
+        self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,28 +75,33 @@ class QwenForCausalLM(nn.Module):
     def new_cache(self, batch: int, max_len: int) -> KVCache:
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
-    def forward(self, input_ids, attention_mask=None, *, cache=None, positions=None, mask=None,
-                logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V).
+    def forward(self, input_ids, attention_mask=None, *, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
+        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V)."""
+        x, cos, sin, masks = self.begin(input_ids, attention_mask, cache)
+        x = self.run_layers(x, cos, sin, masks, cache)
+        return self.finish(x, cache, input_ids.shape[1], logits_to_keep)
 
-        `cache` is anything with `update(layer, k, v) -> (k_all, v_all)`, `advance(n)` and `length`
-        (the KVCache here, or an engine's paged cache). An engine that batches sequences of different
-        lengths passes `positions` (B, T) and a bool `mask` (B, 1, T, S) itself.
-        """
-        B, T = input_ids.shape
-        past = cache.length if cache is not None else 0
-        if positions is None:
-            positions = _positions(attention_mask, past, T, input_ids.device)  # (B, T)
-        if mask is None:
-            mask = _attention_mask(attention_mask, past, T, self.config, input_ids.device)
+    def begin(self, input_ids, attention_mask=None, cache=None):
+        """(x (B, T, H), cos, sin (B|1, T, 1, D), one mask per layer) for a call's tokens."""
+        T = input_ids.shape[1]
+        if cache is None:
+            positions = positions_of(attention_mask, 0, T, input_ids.device)  # (B|1, T)
+            masks = causal_masks(attention_mask, 0, T, self.windows, input_ids.device)
+        else:
+            positions, masks = cache.begin(attention_mask, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
         cos, sin = self.rope.cos_sin(positions, x.dtype)
-        if not (T == 1 and fused_decode.decode_layers(self, x, cos, sin, mask, cache, positions)):
-            for layer in self.model.layers:
-                lm = mask[layer.self_attn.layer_idx] if isinstance(mask, list) else mask
-                x = layer(x, cos, sin, lm, cache)
+        return x, cos, sin, masks
+
+    def run_layers(self, x, cos, sin, masks, cache=None) -> torch.Tensor:
+        for layer, mask in zip(self.model.layers, masks):
+            x = layer(x, cos, sin, mask, cache)
+        return x
+
+    def finish(self, x, cache, T: int, logits_to_keep: int = 0) -> torch.Tensor:
+        """Logits (B, T or keep, V) in float32 from the last hidden states; closes the cache's call."""
         if cache is not None:
-            cache.advance(T)
+            cache.end(T)
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x)).float()  # (B, T, V)
@@ -109,33 +118,3 @@ class QwenForCausalLM(nn.Module):
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
         return self
-
-
-def _positions(attention_mask, past: int, T: int, device) -> torch.Tensor:
-    if attention_mask is None:
-        return torch.arange(past, past + T, device=device)[None]  # (1, T)
-    pos = attention_mask.long().cumsum(-1) - 1  # (B, S): pads before the first token get -1
-    return pos[:, -T:].clamp(min=0)
-
-
-def _attention_mask(attention_mask, past: int, T: int, cfg: QwenConfig, device):
-    """None when plain causal attention suffices; else a bool (B|1, 1, T, S) mask, or one per layer.
-
-    A query always sees itself, so rows of left padding stay finite instead of NaN.
-    """
-    windows = {cfg.window_of(i) for i in range(cfg.num_hidden_layers)}
-    padded = attention_mask is not None and not bool(attention_mask.all())
-    if past == 0 and not padded and windows == {None}:
-        return None
-    S = past + T
-    q_slot = torch.arange(past, S, device=device)[:, None]  # (T, 1)
-    k_slot = torch.arange(S, device=device)[None, :]  # (1, S)
-    causal = k_slot <= q_slot  # (T, S)
-    base = causal[None, None]  # (1, 1, T, S)
-    if padded:
-        valid = attention_mask[:, None, None, :S].bool()  # (B, 1, 1, S)
-        base = (base & valid) | (k_slot == q_slot)
-    if windows == {None}:
-        return base
-    masks = {w: base if w is None else base & (q_slot - k_slot < w) for w in windows}
-    return [masks[cfg.window_of(i)] for i in range(cfg.num_hidden_layers)]

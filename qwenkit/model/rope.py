@@ -11,8 +11,7 @@ from __future__ import annotations
 import math
 
 import torch
-
-from ..backends import cpu_kernels
+from torch import nn
 
 
 def _base_inv_freq(theta: float, dim: int) -> torch.Tensor:
@@ -109,10 +108,13 @@ class Rope:
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (B, T, n, D) rotated by the half-split convention Qwen checkpoints use."""
-    if cpu_kernels.fp32_inference(x, cos, sin):
-        out = cpu_kernels.rope(x, cos, sin)  # one pass instead of six torch ops
-        if out is not None:
-            return out
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
+
+
+class Rotary(nn.Module):
+    """`apply_rope` as a module (no parameters), so that a backend can swap in a one-pass kernel."""
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        return apply_rope(x, cos, sin)

@@ -1,0 +1,104 @@
+"""The one interface between the model and whatever holds its past: `Cache`, and the static cache.
+
+The model never asks what kind of cache it has. In one forward call it asks the cache, in order:
+
+1. `begin(attention_mask, T)` -> (positions (B, T), one mask per layer): where the call's T new
+   tokens sit and what each of them may attend to (None: plain causal over the call alone).
+2. `attend(layer, q, k, v, mask, sdpa)` once per layer: store the new k, v and return the
+   attention of q over every slot the rows see. `sdpa` is the model's attention op (an `SDPA`
+   module, or the one a backend installed): the cache hands it its storage in the form it
+   keeps, dense slices (`sdpa(q, k, v, mask)`) or a paged pool (`sdpa.paged(q, k, v, slots, mask)`).
+3. `end(T)`: the call is over; its tokens now belong to the cache.
+
+Kernels that walk the storage themselves (the fused decode step) ask `slots()`: a `SlotMap`
+saying where each row's positions live. Implementations: `KVCache` here (one preallocated
+buffer a batch: `generate`, `bench`), `engine.kv_cache.PagedKVCache` (the engine's pool of
+blocks); the recurrent state of hybrid models is to be a third.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import torch
+
+from .masks import causal_masks, positions_of
+
+
+@dataclass
+class SlotMap:
+    """Where row b keeps the key (or value) of position j, counted in elements from one layer's
+    base of `k` / `v` (layer l's base is l * layer_stride):
+
+    - no tables (a static cache): b * sb + h * sh + j * ss for K/V head h;
+    - tables (B, n_blocks) int64 (a paged pool): (tables[b, j // block_size] * block_size
+      + j % block_size) * ss + h * sh.
+
+    This call's token of row b is written at position `write_at[b]`; rows read positions
+    [0, read_len) under the call's mask. `read_slots` (B, read_len), when given, are the pool
+    slots themselves (for readers that gather). `derived` keeps what a backend computes from the
+    map once per call (a kernel's view of it), so the layers of one call share it.
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    layer_stride: int
+    sb: int
+    sh: int
+    ss: int
+    write_at: torch.Tensor  # (B,) int64
+    read_len: int
+    tables: torch.Tensor | None = None
+    block_size: int = 1
+    read_slots: torch.Tensor | None = None
+    derived: dict = field(default_factory=dict)
+
+
+class Cache(Protocol):
+    def begin(self, attention_mask: torch.Tensor | None, T: int) -> tuple[torch.Tensor, list]:
+        """Positions (B, T) of the call's tokens and a mask per layer (bool (B|1, 1, T, S) or None)."""
+
+    def attend(self, layer: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask, sdpa) -> torch.Tensor:
+        """Store k, v (B, n_kv, T, D); return the attention (B, H, T, D) of q (B, H, T, D)."""
+
+    def end(self, T: int) -> None:
+        """The call's T tokens are stored for good."""
+
+    def slots(self) -> SlotMap:
+        """Where this call's rows read and write, for kernels that walk the storage."""
+
+
+class KVCache:
+    """A preallocated cache for a batch: k and v of shape (layers, B, n_kv, max_len, D); `length`
+    slots are written. Row b's slot j holds its j-th token, padding included (left padding is
+    masked by `begin` through the attention mask)."""
+
+    def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+        self.k = torch.empty(shape, dtype=dtype, device=device)
+        self.v = torch.empty(shape, dtype=dtype, device=device)
+        self.max_len = max_len
+        self.length = 0
+        self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
+
+    def begin(self, attention_mask, T: int):
+        if self.length + T > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length + T} needed")
+        device = self.k.device
+        return (positions_of(attention_mask, self.length, T, device),
+                causal_masks(attention_mask, self.length, T, self.windows, device))
+
+    def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
+        end = self.length + k.shape[2]
+        self.k[layer, :, :, self.length : end] = k
+        self.v[layer, :, :, self.length : end] = v
+        return sdpa(q, self.k[layer, :, :, :end], self.v[layer, :, :, :end], mask)  # views: no copy
+
+    def end(self, T: int) -> None:
+        self.length += T
+
+    def slots(self) -> SlotMap:
+        _, B, n_kv, L, D = self.k.shape
+        write_at = torch.full((B,), self.length, dtype=torch.int64)
+        return SlotMap(self.k, self.v, B * n_kv * L * D, n_kv * L * D, L * D, D, write_at, self.length + 1)
