@@ -69,7 +69,10 @@ def test_seeded_draws_repeat():
 
 
 @pytest.mark.parametrize("bad", [dict(temperature=-1), dict(top_p=0), dict(top_k=-2), dict(max_tokens=0),
-                                 dict(logprobs=21), dict(presence_penalty=3), dict(stop=[1]), dict(stop=[""])])
+                                 dict(logprobs=21), dict(presence_penalty=3), dict(stop=[1]), dict(stop=[""]),
+                                 dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                 dict(top_p=float("nan")), dict(temperature="0.7"), dict(top_k=2.0),
+                                 dict(seed=2**64), dict(seed="7")])
 def test_invalid_params_are_request_errors(bad):
     with pytest.raises(RequestError):
         SamplingParams(**bad)

@@ -14,11 +14,14 @@ repetition_penalty=1.05 for Qwen2.5). docs/serving.md has the same table.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
+from numbers import Real
 
 from ..errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
+REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
 @dataclass(frozen=True)
@@ -70,19 +73,30 @@ def _as_tuple(value, kind, name: str) -> tuple:
 
 
 def _check(p: SamplingParams) -> None:
+    # Types first, so NaN, infinities and strings fail with a RequestError rather than slip past
+    # (NaN compares false) or raise a TypeError from a comparison below.
+    for name in REAL_FIELDS:
+        value = getattr(p, name)
+        if isinstance(value, bool) or not isinstance(value, Real) or not math.isfinite(value):
+            raise RequestError(f"{name} must be a finite number, got {value!r}")
     rules = [
-        (isinstance(p.max_tokens, int) and p.max_tokens >= 1, "max_tokens must be an integer >= 1"),
+        (_is_int(p.max_tokens) and p.max_tokens >= 1, "max_tokens must be an integer >= 1"),
         (p.temperature >= 0, "temperature must be >= 0"),
-        (isinstance(p.top_k, int) and p.top_k >= -1, "top_k must be an integer >= -1 (0 or -1 turn it off)"),
+        (_is_int(p.top_k) and p.top_k >= -1, "top_k must be an integer >= -1 (0 or -1 turn it off)"),
         (0 < p.top_p <= 1, "top_p must be in (0, 1]"),
         (0 <= p.min_p <= 1, "min_p must be in [0, 1]"),
         (p.repetition_penalty > 0, "repetition_penalty must be > 0"),
         (-2 <= p.presence_penalty <= 2, "presence_penalty must be in [-2, 2]"),
         (-2 <= p.frequency_penalty <= 2, "frequency_penalty must be in [-2, 2]"),
         (all(-100 <= b <= 100 for b in p.logit_bias.values()), "logit_bias values must be in [-100, 100]"),
+        (p.seed is None or _is_int(p.seed) and -2**63 <= p.seed < 2**64, "seed must be an integer in [-2**63, 2**64)"),
         (p.logprobs is None or 0 <= p.logprobs <= MAX_TOP_LOGPROBS, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
         (all(s for s in p.stop), "stop strings must not be empty"),
     ]
     for ok, message in rules:
         if not ok:
             raise RequestError(message)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
