@@ -109,6 +109,16 @@ def test_seeded_sampling_is_independent_of_batch(model):
     assert batched[1].token_ids == alone
 
 
+def test_seeded_sampling_matches_generate(model):
+    """One sampler: a seeded sampled request gets the same tokens from generate as from the engine."""
+    model.eos_token_ids = []
+    prompt = [5, 6, 7]
+    ref = qwenkit.generate(model, prompt, 16, temperature=0.8, top_k=50, top_p=0.9, seed=123)
+    p = SamplingParams(temperature=0.8, top_p=0.9, top_k=50, seed=123, max_tokens=16)
+    assert LLM(model, settings=EngineSettings(num_blocks=100)).generate([prompt], p)[0].token_ids == ref
+    assert ref != qwenkit.generate(model, prompt, 16)  # it did sample
+
+
 def test_abort_frees_blocks(model):
     engine = Engine(model, EngineSettings(block_size=4, num_blocks=32))
     rid = engine.add_request(list(range(30)), SamplingParams(max_tokens=50))
@@ -131,6 +141,16 @@ def test_bad_requests_raise_request_error(model, prompt, params, match):
     engine = Engine(model, EngineSettings(num_blocks=64))
     with pytest.raises(RequestError, match=match):
         engine.add_request(prompt, params)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(temperature=float("nan")), "temperature"), (dict(temperature=-0.5), "temperature"),
+    (dict(top_k=-2), "top_k"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
+    (dict(seed=2**64), "seed"), (dict(max_new_tokens=0), "max_tokens"),
+])
+def test_generate_refuses_what_the_engine_refuses(model, bad, match):
+    with pytest.raises(RequestError, match=match):
+        qwenkit.generate(model, [1, 2], **{"max_new_tokens": 4, **bad})
 
 
 def test_kv_budget_sets_block_count(model):

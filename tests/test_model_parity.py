@@ -91,6 +91,11 @@ def test_generate_stops_at_eos_and_sampling_is_seeded(tmp_path):
     b = qwenkit.generate(ours, prompt, 16, temperature=1.0, top_p=0.9, seed=7)
     assert a == b
     assert qwenkit.generate(ours, prompt, 16, temperature=0.8, top_k=1, seed=3) == greedy
+    unseeded = []
+    for _ in range(2):
+        torch.manual_seed(11)
+        unseeded.append(qwenkit.generate(ours, prompt, 16, temperature=1.0))
+    assert unseeded[0] == unseeded[1]
 
 
 def test_prompt_beyond_context_is_refused(tmp_path):

@@ -78,6 +78,16 @@ def test_invalid_params_are_request_errors(bad):
         SamplingParams(**bad)
 
 
+def test_unseeded_draws_follow_torch_manual_seed():
+    seq = Sequence([0], SamplingParams(temperature=1.0))
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        sampler = Sampler()
+        runs.append([sampler(LOGITS[None], [seq])[0].token_id for _ in range(20)])
+    assert runs[0] == runs[1] and len(set(runs[0])) > 1
+
+
 def test_qwen_recommended_settings():
     p = SamplingParams.qwen_recommended(thinking=True, max_tokens=10)
     assert (p.temperature, p.top_p, p.top_k, p.max_tokens) == (0.6, 0.95, 20, 10)

@@ -3,7 +3,9 @@
 Order of operations: logprobs are taken from the model's own distribution (raw logits); then
 repetition / presence / frequency penalties and logit bias; then greedy rows take the argmax and
 the others go through temperature, top-k, min-p and top-p, and draw from what is left. A request
-with a seed draws from its own generator, so its tokens do not depend on what it is batched with.
+with a seed draws from its own generator, so its tokens do not depend on what it is batched with;
+one without draws from the sampler's generator (torch's global one unless the sampler has a seed).
+It serves both the engine (a batch of `Sequence`s) and `qwenkit.generate` (one `TokenSequence`).
 See `SamplingParams` for Qwen's recommended settings.
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .sampling_params import SamplingParams
-from .sequence import Sequence
+from .sequence import TokenSequence
 
 
 @dataclass
@@ -26,15 +28,14 @@ class Sample:
 
 class Sampler:
     def __init__(self, seed: int | None = None):
-        self.generator = torch.Generator()
-        if seed is not None:
-            self.generator.manual_seed(seed)
+        # None: torch's global generator, so unseeded requests differ run to run (torch.manual_seed fixes them)
+        self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.request_generators: dict[int, torch.Generator] = {}
 
-    def release(self, seq: Sequence) -> None:
+    def release(self, seq: TokenSequence) -> None:
         self.request_generators.pop(seq.seq_id, None)
 
-    def __call__(self, logits: torch.Tensor, seqs: list[Sequence]) -> list[Sample]:
+    def __call__(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> list[Sample]:
         """logits (B, V) for the B sequences, on any device; returns one Sample per sequence."""
         logits = logits.float().cpu()
         raw = logits
@@ -48,7 +49,7 @@ class Sampler:
             tokens[random_rows] = drawn
         return [self._sample(raw[i], int(tokens[i]), seq.params) for i, seq in enumerate(seqs)]
 
-    def _draw(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    def _draw(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> torch.Tensor:
         """Random tokens (R,) from logits (R, V) after temperature, top-k, min-p and top-p."""
         params = [s.params for s in seqs]
         temps = torch.tensor([p.temperature for p in params])[:, None]
@@ -71,7 +72,7 @@ class Sampler:
         picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         return order.gather(1, picks).squeeze(1)
 
-    def _generator(self, seq: Sequence) -> torch.Generator:
+    def _generator(self, seq: TokenSequence) -> torch.Generator | None:
         if seq.params.seed is None:
             return self.generator
         if seq.seq_id not in self.request_generators:
@@ -88,7 +89,7 @@ class Sampler:
         return Sample(token, float(logprobs[token]), pairs)
 
 
-def apply_penalties(logits: torch.Tensor, seq: Sequence) -> None:
+def apply_penalties(logits: torch.Tensor, seq: TokenSequence) -> None:
     """Repetition, presence and frequency penalties and logit bias, in place on logits (V,)."""
     p = seq.params
     if p.repetition_penalty != 1.0:

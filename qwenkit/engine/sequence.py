@@ -2,7 +2,8 @@
 
 Plain Python, shared by the block manager, the scheduler and the runner. `token_ids` holds the
 prompt followed by the generated tokens; the K/V of the first `num_computed_tokens` of them sit
-in the blocks of `block_table`, in order.
+in the blocks of `block_table`, in order. Its base, `TokenSequence`, is the tokens and settings
+alone: what the sampler reads, and all that `qwenkit.generate` keeps for its one sequence.
 """
 
 from __future__ import annotations
@@ -21,27 +22,15 @@ class Status(Enum):
     FINISHED = "finished"
 
 
-class Sequence:
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+class TokenSequence:
+    def __init__(self, prompt_ids: list[int], params: SamplingParams):
         self.seq_id = next(_ids)
-        self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.token_ids = list(prompt_ids)
         self.num_prompt_tokens = len(prompt_ids)
         self.params = params
-        self.status = Status.WAITING
-        self.num_computed_tokens = 0
-        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
-        self.block_table: list[int] = []
-        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
-        self.finish_reason: str | None = None
-        self.num_preemptions = 0
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    def __repr__(self) -> str:
-        return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "
-                f"blocks={self.block_table}, {self.status.value})")
 
     @property
     def output_ids(self) -> list[int]:
@@ -50,6 +39,23 @@ class Sequence:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+
+class Sequence(TokenSequence):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+        super().__init__(prompt_ids, params)
+        self.request_id = request_id if request_id is not None else str(self.seq_id)
+        self.status = Status.WAITING
+        self.num_computed_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache at admission
+        self.block_table: list[int] = []
+        self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
+        self.finish_reason: str | None = None
+        self.num_preemptions = 0
+
+    def __repr__(self) -> str:
+        return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "
+                f"blocks={self.block_table}, {self.status.value})")
 
     @property
     def num_uncomputed_tokens(self) -> int:
