@@ -70,7 +70,7 @@ class CpuRotary(Rotary):
 
 class CpuSDPA(SDPA):
     """One-query attention (decode) through `qk_attend_one`, 2-5x faster than SDPA on a CPU, read
-    in place from a static cache's slices or a paged pool; anything else through SDPA."""
+    in place from a static cache's slices or a paged pool, fp32 or bf16; anything else through SDPA."""
 
     def forward(self, q, k, v, mask):
         out = cpu_kernels.attend_one(q, k, v, mask) if q.shape[2] == 1 else None
@@ -96,6 +96,11 @@ def kernel_layout(slots) -> cpu_kernels.Layout | None:
 
 
 SWAPS = {nn.Linear: CpuLinear, RMSNorm: CpuRMSNorm, Rotary: CpuRotary, SDPA: CpuSDPA}
+
+
+def attention_form(module: nn.Module) -> type | None:
+    """The attention op alone: for bf16 models, whose matmuls stay torch's (oneDNN bf16)."""
+    return CpuSDPA if type(module) is SDPA else None
 
 
 def cpu_form(module: nn.Module) -> type | None:

@@ -500,23 +500,32 @@ static inline __m256 hsum8(const __m256 *a) {
     return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
 }
 
+// A KV cache holds fp32 or bf16 (KV_BF16, widened in registers): element i of one from `base`.
+static inline __attribute__((always_inline)) const void *kv_at(const void *base, int64_t i, const int KV_BF16) {
+    return KV_BF16 ? (const void *)((const uint16_t *)base + i) : (const void *)((const float *)base + i);
+}
+
+static inline __attribute__((always_inline)) __m256 kv8(const void *base, int64_t i, const int KV_BF16) {
+    return KV_BF16 ? bf16x8((const uint16_t *)base + i) : _mm256_loadu_ps((const float *)base + i);
+}
+
 // row[s] = q . k_s * scale (or -inf where masked) for s < S; keys 8 at a time into one vector.
-static inline __attribute__((always_inline)) void scores_row(const float *qr, const float *kb, int64_t ss,
+static inline __attribute__((always_inline)) void scores_row(const float *qr, const void *kb, int64_t ss,
                                                              const uint8_t *mb, float *row, int64_t S, int64_t D,
-                                                             float scale) {
+                                                             float scale, const int KV_BF16) {
     int64_t s = 0;
     for (; s + 8 <= S; s += 8) {
         __m256 acc[8];
         for (int j = 0; j < 8; j++) acc[j] = _mm256_setzero_ps();
         for (int64_t d = 0; d < D; d += 8) {
             const __m256 qd = _mm256_loadu_ps(qr + d);
-            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, _mm256_loadu_ps(kb + (s + j) * ss + d), acc[j]);
+            for (int j = 0; j < 8; j++) acc[j] = _mm256_fmadd_ps(qd, kv8(kb, (s + j) * ss + d, KV_BF16), acc[j]);
         }
         _mm256_storeu_ps(row + s, _mm256_mul_ps(hsum8(acc), _mm256_set1_ps(scale)));
     }
     for (; s < S; s++) {
         __m256 acc = _mm256_setzero_ps();
-        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), _mm256_loadu_ps(kb + s * ss + d), acc);
+        for (int64_t d = 0; d < D; d += 8) acc = _mm256_fmadd_ps(_mm256_loadu_ps(qr + d), kv8(kb, s * ss + d, KV_BF16), acc);
         row[s] = hsum(acc) * scale;
     }
     if (mb)
@@ -535,15 +544,15 @@ static inline float row_max(const float *row, int64_t S, float m) {
 }
 
 // o = o * carry + sum_s p[s] v_s over S rows of v, ND = D / 8 (a literal where it is inlined).
-static inline __attribute__((always_inline)) void weighted_values(const float *p, const float *vb, int64_t ss,
-                                                                  int64_t S, const int64_t ND, float carry, float *o) {
+static inline __attribute__((always_inline)) void weighted_values(const float *p, const void *vb, int64_t ss,
+                                                                  int64_t S, const int64_t ND, float carry, float *o,
+                                                                  const int KV_BF16) {
     __m256 acc[32];
     const __m256 c = _mm256_set1_ps(carry);
     for (int64_t d = 0; d < ND; d++) acc[d] = _mm256_mul_ps(_mm256_loadu_ps(o + 8 * d), c);
     for (int64_t s = 0; s < S; s++) {
         const __m256 w = _mm256_set1_ps(p[s]);
-        const float *vr = vb + s * ss;
-        for (int64_t d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vr + 8 * d), acc[d]);
+        for (int64_t d = 0; d < ND; d++) acc[d] = _mm256_fmadd_ps(w, kv8(vb, s * ss + 8 * d, KV_BF16), acc[d]);
     }
     for (int64_t d = 0; d < ND; d++) _mm256_storeu_ps(o + 8 * d, acc[d]);
 }
@@ -579,15 +588,16 @@ static inline int64_t run_length(const qk_layout *L, int64_t j, int64_t most) {
 // never across a paged block), each scored and summed into the output for all H / Hkv query heads
 // that share them while it is in cache (softmax kept online: a running maximum and sum per head).
 // A head that sees no position gets zeros. Returns -1 on an unsupported shape.
-int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t B,
-                  int64_t H, int64_t Hkv, int64_t S, int64_t D, const qk_layout *layout, int64_t mask_sb, float scale,
-                  int threads) {
+static inline __attribute__((always_inline)) int attend_one(
+        const float *q, const void *k, const void *v, const uint8_t *mask, float *out, int64_t B, int64_t H,
+        int64_t Hkv, int64_t S, int64_t D, const qk_layout *layout, int64_t mask_sb, float scale, int threads,
+        const int KV_BF16) {
     if (Hkv < 1 || H % Hkv || D % 8 || D > 256 || S < 1) return -1;
     const int64_t G = H / Hkv, ss = layout->ss;
 #pragma omp parallel for num_threads(threads) schedule(static) collapse(2)
     for (int64_t b = 0; b < B; b++) {
         for (int64_t kv = 0; kv < Hkv; kv++) {
-            const float *kh = k + kv * layout->sh, *vh = v + kv * layout->sh;
+            const void *kh = kv_at(k, kv * layout->sh, KV_BF16), *vh = kv_at(v, kv * layout->sh, KV_BF16);
             const uint8_t *mb = mask ? mask + b * mask_sb : NULL;
             const int64_t h0 = b * H + kv * G;
             float row[ATTEND_CHUNK], top[G], total[G];
@@ -596,7 +606,7 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
             for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, total[g] = 0.0f;
             int64_t n = run_length(layout, 0, S < ATTEND_CHUNK ? S : ATTEND_CHUNK), at = slot_offset(layout, b, 0);
             for (int64_t c0 = 0; c0 < S;) {
-                const float *kc = kh + at, *vc = vh + at;
+                const void *kc = kv_at(kh, at, KV_BF16), *vc = kv_at(vh, at, KV_BF16);
                 // Ask for the next chunk now: reading the cache cold, one line at a time, ran at
                 // a quarter of the bandwidth.
                 const int64_t c1 = c0 + n, left = S - c1;
@@ -607,10 +617,10 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
                     // the loads waiting for free miss buffers.
                     for (int64_t s = g * n1 / G; s < (g + 1) * n1 / G; s++)
                         for (int64_t d = 0; d < D; d += 16) {
-                            _mm_prefetch((const char *)(kh + at1 + s * ss + d), _MM_HINT_T0);
-                            _mm_prefetch((const char *)(vh + at1 + s * ss + d), _MM_HINT_T0);
+                            _mm_prefetch((const char *)kv_at(kh, at1 + s * ss + d, KV_BF16), _MM_HINT_T0);
+                            _mm_prefetch((const char *)kv_at(vh, at1 + s * ss + d, KV_BF16), _MM_HINT_T0);
                         }
-                    scores_row(q + (h0 + g) * D, kc, ss, mb ? mb + c0 : NULL, row, n, D, scale);
+                    scores_row(q + (h0 + g) * D, kc, ss, mb ? mb + c0 : NULL, row, n, D, scale, KV_BF16);
                     const float m = row_max(row, n, top[g]);
                     if (m == -INFINITY) continue;  // nothing visible yet
                     const float carry = expf(top[g] - m);  // rescales what earlier chunks summed
@@ -627,9 +637,9 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
                     total[g] = total[g] * carry + part;
                     top[g] = m;
                     float *og = o + g * D;
-                    if (D == 64) weighted_values(row, vc, ss, n, 8, carry, og);
-                    else if (D == 128) weighted_values(row, vc, ss, n, 16, carry, og);
-                    else weighted_values(row, vc, ss, n, D / 8, carry, og);
+                    if (D == 64) weighted_values(row, vc, ss, n, 8, carry, og, KV_BF16);
+                    else if (D == 128) weighted_values(row, vc, ss, n, 16, carry, og, KV_BF16);
+                    else weighted_values(row, vc, ss, n, D / 8, carry, og, KV_BF16);
                 }
                 c0 = c1, n = n1, at = at1;
             }
@@ -640,6 +650,19 @@ int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t 
         }
     }
     return 0;
+}
+
+int qk_attend_one(const float *q, const float *k, const float *v, const uint8_t *mask, float *out, int64_t B,
+                  int64_t H, int64_t Hkv, int64_t S, int64_t D, const qk_layout *layout, int64_t mask_sb, float scale,
+                  int threads) {
+    return attend_one(q, k, v, mask, out, B, H, Hkv, S, D, layout, mask_sb, scale, threads, 0);
+}
+
+// The same over a bf16 cache (a bf16 model's): q and out stay fp32.
+int qk_attend_one_bf16(const float *q, const uint16_t *k, const uint16_t *v, const uint8_t *mask, float *out,
+                       int64_t B, int64_t H, int64_t Hkv, int64_t S, int64_t D, const qk_layout *layout,
+                       int64_t mask_sb, float scale, int threads) {
+    return attend_one(q, k, v, mask, out, B, H, Hkv, S, D, layout, mask_sb, scale, threads, 1);
 }
 
 // The small per-token operations of a decode step, each one pass over its rows. torch spends

@@ -67,6 +67,7 @@ def kernels() -> ctypes.CDLL | None:
     lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.qk_attend_one.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
                                   + [ctypes.c_float, ctypes.c_int])
+    lib.qk_attend_one_bf16.restype, lib.qk_attend_one_bf16.argtypes = ctypes.c_int, lib.qk_attend_one.argtypes
     return lib
 
 
@@ -213,12 +214,19 @@ def int4_dequant(packed: torch.Tensor, scales: torch.Tensor, mins: torch.Tensor,
     return out
 
 
+def _kv_inference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether the attention kernel takes these: fp32 or bf16 (all three alike) on the CPU,
+    autograd off, kernels built."""
+    return (not torch.is_grad_enabled() and q.dtype == k.dtype == v.dtype in (torch.float32, torch.bfloat16)
+            and all(t.device.type == "cpu" for t in (q, k, v)) and kernels() is not None)
+
+
 def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor | None:
-    """Decode attention: q (B, H, 1, D) fp32, k and v (B, Hkv, S, D) with D contiguous and equal
-    strides, mask None or bool (B or 1, 1, 1, S) -> (B, H, 1, D) = SDPA(q, k, v, mask, enable_gqa).
-    None when the kernel does not apply (not fp32 on the CPU, autograd, another layout, no
-    kernels built): the caller then uses SDPA."""
-    if not fp32_inference(q, k, v) or k.stride() != v.stride() or k.stride(3) != 1:
+    """Decode attention: q (B, H, 1, D) fp32 or bf16, k and v (B, Hkv, S, D) of q's dtype with D
+    contiguous and equal strides, mask None or bool (B or 1, 1, 1, S) -> (B, H, 1, D) =
+    SDPA(q, k, v, mask, enable_gqa), summed in fp32. None when the kernel does not apply (another
+    dtype or device, autograd, another layout, no kernels built): the caller then uses SDPA."""
+    if not _kv_inference(q, k, v) or k.stride() != v.stride() or k.stride(3) != 1:
         return None
     layout = Layout(k.stride(0), k.stride(1), k.stride(2), None, 0, 1)
     return _attend(q, k, v, layout, k.shape[1], k.shape[2], mask)
@@ -226,12 +234,12 @@ def attend_one(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Te
 
 def attend_paged(q: torch.Tensor, k_pool: torch.Tensor, v_pool: torch.Tensor, layout: Layout,
                  mask: torch.Tensor) -> torch.Tensor | None:
-    """Decode attention read in place from a paged pool: q (B, H, 1, D) fp32; k_pool, v_pool
+    """Decode attention read in place from a paged pool: q (B, H, 1, D) fp32 or bf16; k_pool, v_pool
     (slots, Hkv, D), slot b * block_size + i holding block b's i-th position; `layout` from
     `paged_layout` over the rows' block tables (B, n_blocks) for S positions; mask bool
     (B, 1, 1, S) over positions [0, S). The same result as gathering each row's S positions and
     calling `attend_one`; None where the kernel does not apply (as there)."""
-    if not fp32_inference(q, k_pool, v_pool) or k_pool.shape != v_pool.shape or not v_pool.is_contiguous():
+    if not _kv_inference(q, k_pool, v_pool) or k_pool.shape != v_pool.shape or not v_pool.is_contiguous():
         return None
     return _attend(q, k_pool, v_pool, layout, k_pool.shape[1], mask.shape[-1], mask)
 
@@ -261,12 +269,13 @@ def _attend(q, k, v, layout: Layout, Hkv: int, S: int, mask: torch.Tensor | None
             return None
         mask = mask.reshape(mask.shape[0], S).contiguous()
         mask_sb = S if mask.shape[0] == B else 0  # one mask row for all rows
-    q = q.contiguous()
+    q32 = q.float().contiguous()  # (B, H, 1, D): the sums run in fp32 whatever the cache holds
     out = torch.empty(B, H, 1, D, dtype=torch.float32)
-    rc = kernels().qk_attend_one(q.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S,
-                                 D, ctypes.byref(layout), mask_sb, D ** -0.5, torch.get_num_threads())
+    attend = kernels().qk_attend_one_bf16 if k.dtype == torch.bfloat16 else kernels().qk_attend_one
+    rc = attend(q32.data_ptr(), k.data_ptr(), v.data_ptr(), _ptr(mask), out.data_ptr(), B, H, Hkv, S, D,
+                ctypes.byref(layout), mask_sb, D ** -0.5, torch.get_num_threads())
     _check(rc, f"decode attention does not take q {tuple(q.shape)} with {S} keys of {Hkv} heads")
-    return out
+    return out.to(q.dtype)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:

@@ -24,6 +24,9 @@ class Checkpoint:
     source: str  # the file or directory, for messages
     eos_token_ids: list[int]
     read_tensors: Callable[[], TensorStream] = field(repr=False, compare=False)
+    # How the matrices are stored: "float32", "bfloat16", "float16", or "quantized" (a GGUF's
+    # 4-8 bit blocks); `--dtype auto` keeps the weights at most this precise.
+    stored: str = "float32"
 
     def tensors(self) -> TensorStream:
         """(HF tensor name, tensor, file it came from), one at a time."""

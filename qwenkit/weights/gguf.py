@@ -80,7 +80,18 @@ def open_gguf(path: str | Path) -> Checkpoint:
         source=str(path),
         eos_token_ids=eos_token_ids(header.metadata),
         read_tensors=lambda: _stream(path, header.tensors, names),
+        stored=_stored(header.tensors),
     )
+
+
+def _stored(tensors: list[TensorInfo]) -> str:
+    """How the file keeps its matrices (norms and biases are F32 in every file)."""
+    kinds = {t.qtype.name for t in tensors if len(t.dims) > 1}
+    if kinds <= {"F32"}:
+        return "float32"
+    if kinds <= {"F32", "F16", "BF16"}:
+        return "bfloat16" if "BF16" in kinds else "float16"
+    return "quantized"
 
 
 def hf_name(gguf_name: str, path: Path | str = "") -> str:

@@ -24,8 +24,7 @@ MAX_HEADER_BYTES = 100_000_000  # the limit the safetensors library itself enfor
 def open_safetensors_dir(directory: Path) -> Checkpoint:
     config = read_json(directory / "config.json", ConfigError, required=True)
     files = weight_files(directory)
-    for f in files:
-        check_safetensors_file(f)
+    headers = [check_safetensors_file(f) for f in files]
     generation = read_json(directory / "generation_config.json", ConfigError, required=False) or {}
     eos = generation.get("eos_token_id", config.get("eos_token_id"))
     return Checkpoint(
@@ -33,7 +32,20 @@ def open_safetensors_dir(directory: Path) -> Checkpoint:
         source=str(directory),
         eos_token_ids=as_id_list(eos),
         read_tensors=lambda: _stream(files),
+        stored=_stored(headers),
     )
+
+
+STORED = {"F32": "float32", "BF16": "bfloat16", "F16": "float16"}
+
+
+def _stored(headers: list[dict]) -> str:
+    """The widest dtype among the files' matrices (F32 norms beside bf16 matrices: "bfloat16")."""
+    kinds = {v["dtype"] for h in headers for k, v in h.items() if k != "__metadata__" and len(v["shape"]) > 1}
+    for kind in ("F32", "F16", "BF16"):
+        if kind in kinds:
+            return STORED[kind]
+    return "float32"
 
 
 def read_json(path: Path, error: type[Exception], required: bool) -> dict | None:
