@@ -12,6 +12,7 @@ from typing import Iterator
 
 import torch
 
+from .backends import decode_step
 from .engine.sampler import Sampler
 from .engine.sampling_params import SamplingParams
 from .engine.sequence import TokenSequence
@@ -34,9 +35,11 @@ def generate_stream(model, input_ids: list[int], max_new_tokens: int, temperatur
     stops = set(model.eos_token_ids) | set(params.stop_token_ids)
     seq, sampler = TokenSequence(input_ids, params), Sampler()
     cache = model.new_cache(1, total)
+    decode = decode_step(model)
     ids = torch.tensor([input_ids], device=model.device)
     for _ in range(max_new_tokens):
-        logits = model(ids, cache=cache, logits_to_keep=1)[0, -1]  # (V,)
+        step = model if ids.shape[1] > 1 else decode  # prefill through the model, then the backend's step
+        logits = step(ids, cache=cache, logits_to_keep=1)[0, -1]  # (V,)
         token = sampler(logits[None], [seq])[0].token_id
         seq.token_ids.append(token)
         yield token
