@@ -86,7 +86,7 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
     load_tensors(model, tensors, ckpt.source, on_filled=on_load, take=on_load.take if on_load else None)
     model.source = ckpt.source
     if adapter is not None:
-        from .train.lora import apply_adapter
+        from .model.lora import apply_adapter
 
         apply_adapter(model, adapter, merge=True)
     if on_load is not None:

@@ -220,7 +220,7 @@ def test_fused_decode_plan_follows_quantization_and_refuses_a_full_cache(tmp_pat
 def test_fused_decode_steps_aside_for_forward_hooks(tmp_path, monkeypatch):
     """LoRA adds its adapters through forward hooks, which the C loop cannot run: once they are
     attached (after a plan was built) decoding goes through the modules and sees the adapters."""
-    from qwenkit.train.lora import apply_lora, lora_modules
+    from qwenkit.model.lora import apply_lora, lora_modules
 
     model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen2"), dtype=torch.float32)
     plain = _decode_logits(model, steps=4)

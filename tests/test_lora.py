@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import qwenkit
 from qwenkit.errors import CheckpointError
-from qwenkit.train.lora import (apply_adapter, apply_lora, lora_disabled, lora_modules, merge_lora,
+from qwenkit.model.lora import (apply_adapter, apply_lora, lora_disabled, lora_modules, merge_lora,
                                 remove_lora, save_adapter, unmerge_lora)
 from tiny import make_checkpoint
 

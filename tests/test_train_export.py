@@ -6,7 +6,7 @@ import torch
 
 import qwenkit
 from qwenkit.train.export import export_hf
-from qwenkit.train.lora import apply_lora, lora_modules
+from qwenkit.model.lora import apply_lora, lora_modules
 from tiny import load_reference, make_checkpoint, rel_diff
 
 TOL = 1e-4  # as the parity tests: qwenkit's CPU kernels (RMSNorm, RoPE, SwiGLU) round differently

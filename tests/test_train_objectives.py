@@ -56,7 +56,7 @@ def test_grpo_advantages_are_group_normalised_and_reference_is_adapter_free(tmp_
     from qwenkit.config import QwenConfig
     from qwenkit.train.config import GRPOSection
     from qwenkit.train.grpo import GRPO
-    from qwenkit.train.lora import apply_lora, lora_modules
+    from qwenkit.model.lora import apply_lora, lora_modules
 
     tok = load_tokenizer(make_tokenizer(tmp_path / "tok"))
     model = build_model(QwenConfig.from_dict({**TINY_MODEL, "vocab_size": tok.vocab_size})).init_weights(0.1, seed=0)
@@ -102,7 +102,7 @@ def test_grpo_engine_rollouts_match_generate_when_greedy(tmp_path):
     from qwenkit.config import QwenConfig
     from qwenkit.train.config import GRPOSection
     from qwenkit.train.grpo import GRPO
-    from qwenkit.train.lora import apply_lora, lora_modules
+    from qwenkit.model.lora import apply_lora, lora_modules
 
     tok = load_tokenizer(make_tokenizer(tmp_path / "tok"))
     model = build_model(QwenConfig.from_dict({**TINY_MODEL, "vocab_size": tok.vocab_size})).init_weights(0.2, seed=1)

@@ -80,7 +80,7 @@ def train(objective: str, argv: list[str], prog: str) -> int:
 
 def _finish(cfg, setup, model, d, log) -> None:
     from .export import export_hf
-    from .lora import save_adapter
+    from ..model.lora import save_adapter
 
     out = Path(cfg.run.out)
     if cfg.lora.enabled:
@@ -155,7 +155,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
     from .. import load_model, load_tokenizer
     from .data import read_rows
     from .grpo import greedy_answers
-    from .lora import apply_adapter
+    from ..model.lora import apply_adapter
     from .tasks import REWARDS, prompt_messages
 
     p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy (and sampled) answers on held-out rows")

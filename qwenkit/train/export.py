@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .lora import lora_modules, merge_lora, unmerge_lora
+from ..model.lora import lora_modules, merge_lora, unmerge_lora
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
                    "generation_config.json", "special_tokens_map.json")

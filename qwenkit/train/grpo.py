@@ -17,7 +17,7 @@ import torch
 from ..generate import generate
 from .data import IGNORE, collate_masked, masked_example
 from .distributed import unwrap
-from .lora import lora_disabled, lora_modules
+from ..model.lora import lora_disabled, lora_modules
 from .objectives import token_logprobs
 
 

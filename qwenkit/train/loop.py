@@ -20,7 +20,7 @@ from . import checkpoint as C
 from .config import TrainConfig
 from .data import Order
 from .distributed import Dist, all_reduce_sum, gradient_sync, unwrap
-from .lora import lora_modules
+from ..model.lora import lora_modules
 from .metrics import MetricsLog, plot_losses
 
 

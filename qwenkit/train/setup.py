@@ -47,7 +47,7 @@ def build_setup(cfg: TrainConfig, device: torch.device, log=print) -> Setup:
     tokenizer, tok_dir = _tokenizer(cfg, docs, log)
     model = _model(cfg, tokenizer).to(device)
     if cfg.lora.enabled:
-        from .lora import apply_lora
+        from ..model.lora import apply_lora
 
         lo = cfg.lora
         apply_lora(model, lo.r, lo.alpha, lo.dropout, lo.targets, seed=cfg.run.seed)
