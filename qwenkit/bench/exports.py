@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 def _bench_home() -> Path:
-    from ..weights.hub import qwenkit_home
+    from ..paths import qwenkit_home
 
     return qwenkit_home() / "bench"
 

@@ -12,6 +12,7 @@ import zipfile
 from pathlib import Path
 
 from ..errors import ConfigError
+from ..paths import qwenkit_home
 
 # Benchmark -> file name in the evaluation data folder (see its README for provenance).
 LOCAL_FILES = {
@@ -42,7 +43,8 @@ def evaldata_dir() -> Path:
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("QWENKIT_EVAL_CACHE") or Path.home() / ".cache" / "qwenkit" / "evaldata")
+    """$QWENKIT_EVAL_CACHE, else $QWENKIT_HOME/evaldata (default ~/.cache/qwenkit/evaldata)."""
+    return Path(os.environ.get("QWENKIT_EVAL_CACHE") or qwenkit_home() / "evaldata")
 
 
 def resolve(benchmark: str, path: str | None = None, source: str = "auto") -> Path:

