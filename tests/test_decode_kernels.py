@@ -31,30 +31,35 @@ def _cache(B, Hkv, S, D, layout, gen):
 @pytest.mark.parametrize("B,H,Hkv,D", [(1, 14, 2, 64), (3, 4, 4, 128), (2, 8, 1, 24)])
 @pytest.mark.parametrize("S", [1, 7, 64, 65, 300])
 @pytest.mark.parametrize("layout", ["contiguous", "static", "paged"])
-def test_decode_attention_equals_sdpa(B, H, Hkv, D, S, layout):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_attention_equals_sdpa(B, H, Hkv, D, S, layout, dtype):
+    """fp32 caches to fp32 rounding; bf16 caches (a bf16 model's) summed in fp32, to the rounding
+    of the bf16 result."""
     gen = torch.Generator().manual_seed(S * 7 + D)
-    q = torch.randn(B, H, 1, D, generator=gen) * 2
-    k, v = _cache(B, Hkv, S, D, layout, gen), _cache(B, Hkv, S, D, layout, gen)
+    q = (torch.randn(B, H, 1, D, generator=gen) * 2).to(dtype)
+    k, v = _cache(B, Hkv, S, D, layout, gen).to(dtype), _cache(B, Hkv, S, D, layout, gen).to(dtype)
     mask = torch.rand(B, 1, 1, S, generator=gen) > 0.3
     mask[..., 0] = True  # every row sees something (SDPA gives NaN otherwise)
+    tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
     with torch.no_grad():
         for m in (None, mask, mask[:1]):  # mask[:1]: one row of the mask for every row
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=m, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=m, enable_gqa=True)
             out = cpu_kernels.attend_one(q, k, v, m)
-            assert out.shape == ref.shape
-            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+            assert out.shape == ref.shape and out.dtype == dtype
+            torch.testing.assert_close(out.float(), ref, **tol)
 
 
 @pytest.mark.parametrize("block_size,S", [(4, 1), (4, 13), (16, 64), (16, 150)])
-def test_paged_decode_attention_reads_the_pool_through_block_tables(block_size, S):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_paged_decode_attention_reads_the_pool_through_block_tables(block_size, S, dtype):
     """attend_paged over a pool whose rows' blocks lie scattered (and one block shared by two rows)
     equals SDPA over each row's gathered positions, with a causal-like mask, a sliding-window mask
     and one mask row for all rows; tables that point outside the pool or fall short of S decline."""
     gen = torch.Generator().manual_seed(S + block_size)
     B, H, Hkv, D, n_blocks = 3, 14, 2, 64, 40
     per_row = -(-S // block_size)
-    q = torch.randn(B, H, 1, D, generator=gen)
-    k_pool, v_pool = (torch.randn(n_blocks * block_size, Hkv, D, generator=gen) for _ in range(2))
+    q = torch.randn(B, H, 1, D, generator=gen).to(dtype)
+    k_pool, v_pool = (torch.randn(n_blocks * block_size, Hkv, D, generator=gen).to(dtype) for _ in range(2))
     tables = torch.randperm(n_blocks, generator=gen)[: B * per_row].reshape(B, per_row)
     tables[1, 0] = tables[0, 0]  # a prefix block two rows share
     slots = (tables[:, :, None] * block_size + torch.arange(block_size)).reshape(B, -1)[:, :S]  # (B, S)
@@ -65,9 +70,10 @@ def test_paged_decode_attention_reads_the_pool_through_block_tables(block_size, 
     layout = cpu_kernels.paged_layout(tables, block_size, k_pool, S)
     with torch.no_grad():
         for mask in (causal, window, causal[:1]):
-            ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+            ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask, enable_gqa=True)
             out = cpu_kernels.attend_paged(q, k_pool, v_pool, layout, mask)
-            torch.testing.assert_close(out, ref, atol=2e-6, rtol=1e-5)
+            tol = {"atol": 2e-6, "rtol": 1e-5} if dtype == torch.float32 else {"atol": 1e-2, "rtol": 1e-2}
+            torch.testing.assert_close(out.float(), ref, **tol)
         outside = tables.clone()
         outside[2, -1] = n_blocks
         assert cpu_kernels.paged_layout(outside, block_size, k_pool, S) is None
@@ -90,7 +96,7 @@ def test_decode_attention_row_that_sees_nothing_is_zero_and_others_unaffected():
 def test_decode_attention_declines_what_it_does_not_take():
     q, k = torch.randn(1, 4, 1, 64), torch.randn(1, 2, 5, 64)
     with torch.no_grad():
-        assert cpu_kernels.attend_one(q.bfloat16(), k.bfloat16(), k.bfloat16(), None) is None  # not fp32
+        assert cpu_kernels.attend_one(q.half(), k.half(), k.half(), None) is None  # neither fp32 nor bf16
         assert cpu_kernels.attend_one(q, k, k.clone().transpose(2, 3).contiguous().transpose(2, 3), None) is None
         assert cpu_kernels.attend_one(q, k, k, torch.ones(1, 1, 2, 5, dtype=torch.bool)) is None  # not one query
     assert cpu_kernels.attend_one(q.requires_grad_(), k, k, None) is None  # autograd: SDPA's backward
@@ -278,3 +284,23 @@ def test_fused_decode_reads_the_engines_paged_cache(tmp_path, arch, scheme, monk
     for a, b, c in zip(fused, paged, gathered):
         torch.testing.assert_close(a, c, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(b, c, atol=1e-4, rtol=1e-4)
+
+
+def test_a_bf16_model_attends_over_the_paged_pool_in_place(tmp_path, monkeypatch):
+    """A bf16 model keeps torch's matmuls (oneDNN's bf16 GEMM) but its decode attention reads the
+    engine's bf16 pool in place through the block tables; greedy tokens equal the plain model's,
+    which gathers each row's K/V."""
+    from qwenkit.engine import LLM, SamplingParams
+
+    model = qwenkit.load_model(make_checkpoint(tmp_path / "ckpt", "qwen3"), dtype=torch.bfloat16)
+    assert backends.installed(model) == "cpu-attention" and backends.decode_step(model) is model
+    prompts = [torch.randint(0, 256, (n,), generator=torch.Generator().manual_seed(n)).tolist() for n in (3, 9, 17)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    in_place, attend = [], cpu_kernels.attend_paged
+    monkeypatch.setattr(cpu_kernels, "attend_paged", lambda *args: in_place.append(attend(*args)) or in_place[-1])
+    fast = [c.token_ids for c in LLM(model, block_size=4).generate(prompts, params)]
+    assert len(in_place) >= 11 * model.config.num_hidden_layers and all(o is not None for o in in_place)
+    backends.install(model, "torch")
+    in_place.clear()
+    plain = [c.token_ids for c in LLM(model, block_size=4).generate(prompts, params)]
+    assert in_place == [] and fast == plain

@@ -215,3 +215,38 @@ def test_quantize_on_load_equals_quantize_after_load(tmp_path, arch, scheme):
         assert torch.equal(on_load(ids), after(ids))
     with pytest.raises(ValueError, match="unknown quantization 'int3'"):
         qwenkit.load_model(path, quantize="int3")
+
+
+def test_dequantized_weights_in_bf16_are_the_fp32_ones_rounded():
+    """The C dequantization writes bf16 directly (for the bf16 prefill GEMM): the same values as
+    dequantizing to fp32 and rounding to nearest even, tails of rows included."""
+    from qwenkit.backends import cpu_kernels
+
+    if cpu_kernels.kernels() is None:
+        pytest.skip(f"no CPU kernels here: {cpu_kernels.why_unavailable()}")
+    torch.manual_seed(0)
+    for K in (100, 128):
+        q8 = Int8Linear(nn.Linear(K, 37))
+        assert torch.equal(q8.dequantized(torch.bfloat16), q8.dequantized().to(torch.bfloat16))
+    q4 = Int4Linear(nn.Linear(96, 37))
+    assert torch.equal(q4.dequantized(torch.bfloat16), q4.dequantized().to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4", "bf16"])
+def test_prefill_through_the_bf16_gemm_stays_near_the_fp32_gemm(scheme, monkeypatch):
+    """Prefill (more rows than the GEMVs take) multiplies the weights in bf16 where the CPU does
+    so natively (`PREFILL_DTYPE`); forced here on any host, it stays within bf16's rounding of the
+    fp32 GEMM's result."""
+    from qwenkit.backends import quant
+
+    torch.manual_seed(0)
+    lin = nn.Linear(128, 48, bias=True)
+    layer = {"int8": Int8Linear, "int4": Int4Linear, "bf16": Bf16Linear}[scheme](lin)
+    x = torch.randn(40, 128)
+    with torch.no_grad():
+        monkeypatch.setattr(quant, "PREFILL_DTYPE", torch.float32)
+        fp32 = layer(x)
+        monkeypatch.setattr(quant, "PREFILL_DTYPE", torch.bfloat16)
+        bf16 = layer(x)
+    assert bf16.dtype == torch.float32 and not torch.equal(bf16, fp32)
+    torch.testing.assert_close(bf16, fp32, atol=0.02 * float(fp32.abs().max()), rtol=0.02)
