@@ -10,13 +10,13 @@ from __future__ import annotations
 
 
 from .config import QwenConfig
+from .dtypes import DTYPE_NAMES
 from .errors import ConfigError
 
 GB = 10**9
-DTYPE_BYTES = {
-    "fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2,
-    "fp8": 1, "float8": 1, "int8": 1, "int4": 0.5,
-}
+# Bytes per element: the torch dtypes by their full names (the short ones, bf16 ..., resolve through
+# dtypes.DTYPE_NAMES) and the storage-only formats a plan may assume.
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "float8": 1, "int8": 1, "int4": 0.5}
 # CUDA context, allocator slack and kernels' scratch space that every device carries regardless of model.
 RUNTIME_OVERHEAD_BYTES = 1 * GB
 COMPONENTS = ("embedding", "attention", "mlp", "moe_experts", "router", "shared_experts", "norms", "lm_head")
@@ -27,8 +27,9 @@ def bytes_per_element(dtype: str | float) -> float:
     if isinstance(dtype, (int, float)):
         return float(dtype)
     key = str(dtype).lower().removeprefix("torch.")
+    key = DTYPE_NAMES.get(key, key)
     if key not in DTYPE_BYTES:
-        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join(DTYPE_BYTES)}")
+        raise ConfigError(f"unknown dtype {dtype!r}; known: {', '.join({**DTYPE_NAMES, **DTYPE_BYTES})}")
     return DTYPE_BYTES[key]
 
 

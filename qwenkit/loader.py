@@ -20,31 +20,6 @@ from .model.qwen import QwenForCausalLM
 from .model.weight_map import load_tensors
 
 
-def auto_dtype(device="cpu") -> torch.dtype:
-    """bf16 where the hardware multiplies it natively (CUDA, CPUs with AVX512-BF16 or AMX), else fp32.
-
-    Without native support torch's CPU bf16 matmul falls back to a generic kernel that is about
-    100x slower than fp32 (measured: 0.85 vs 78 GFLOP/s on an AVX2-only EPYC).
-    """
-    if torch.device(device).type != "cpu":
-        return torch.bfloat16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
-
-
-DTYPE_NAMES = {"bf16": "bfloat16", "bfloat16": "bfloat16", "fp32": "float32", "float32": "float32",
-               "fp16": "float16", "float16": "float16"}
-
-
-def resolve_dtype(name: str, device="cpu") -> torch.dtype:
-    """A dtype from a command-line name: "auto" (see `auto_dtype`), bf16/bfloat16, fp32/float32, fp16/float16."""
-    if name == "auto":
-        return auto_dtype(device)
-    if name not in DTYPE_NAMES:
-        raise ValueError(f"dtype {name!r} is not auto or one of {', '.join(DTYPE_NAMES)}")
-    return getattr(torch, DTYPE_NAMES[name])
-
-
 def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCausalLM:
     """An uninitialised model with storage allocated (call `init_weights` or load a checkpoint)."""
     with torch.device("meta"):

@@ -155,3 +155,8 @@ def test_sha256_mismatch_of_cached_default_model(tmp_path):
 
 def test_unknown_model_id():
     assert_one_line_error(_generate("no-such-model-xyz"), "no-such-model-xyz")
+
+
+def test_unknown_device(good):
+    proc = run_cli("generate", "--model", str(good), "--prompt", "hi", "--device", "gpu")
+    assert_one_line_error(proc, "'gpu'")

@@ -59,6 +59,7 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
 
         return scaling_main(argv[1:], prog=f"{prog} scaling")
     args = _parser(prog).parse_args(argv)
+    from ..dtypes import resolve_device
     from ..loader import resolve_path
     from .probes import probe
     from .report import render, save
@@ -66,6 +67,7 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
     import torch
 
     torch.set_num_threads(args.threads)
+    args.device = resolve_device(args.device)
     if args.model.startswith("random:"):
         from .exports import random_checkpoint
 
@@ -101,7 +103,7 @@ def _slow_bf16(probe: dict, device: str) -> str | None:
     (the same test as `--dtype auto`), with the probe's measured rates."""
     import torch
 
-    from ..loader import auto_dtype
+    from ..dtypes import auto_dtype
 
     if auto_dtype(device) == torch.bfloat16:
         return None
@@ -110,6 +112,7 @@ def _slow_bf16(probe: dict, device: str) -> str | None:
 
 
 def _parser(prog: str) -> argparse.ArgumentParser:
+    from ..commands.common import add_device_arg
     from ..weights.hub import DEFAULT_MODEL
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
@@ -125,7 +128,7 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=8)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=os.cpu_count())
-    p.add_argument("--device", default="cpu", help="cpu or cuda (llama.cpp runs on the CPU build here)")
+    add_device_arg(p)  # llama.cpp runs on its CPU build whatever the device
     p.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     p.add_argument("--out", default="runs/bench", help="directory for bench.json and bench.png")
     return p

@@ -85,9 +85,8 @@ def random_checkpoint(shape: str, dtype: str = "bfloat16", seed: int = 0) -> Pat
     for sizes whose real weights are not at hand; every peer then loads the same numbers."""
     import json
 
-    import torch
-
     from ..config import QwenConfig
+    from ..dtypes import resolve_dtype
     from ..loader import build_model
     from ..presets import get_preset
     from ..train.export import export_hf
@@ -98,7 +97,7 @@ def random_checkpoint(shape: str, dtype: str = "bfloat16", seed: int = 0) -> Pat
     out = _bench_home() / f"random-{name}-{dtype}-seed{seed}-hf"
     if (out / "config.json").is_file():
         return out
-    model = build_model(cfg, getattr(torch, dtype)).init_weights(seed=seed)
+    model = build_model(cfg, resolve_dtype(dtype)).init_weights(seed=seed)
     export_hf(model, out)
     del model
     gc.collect()

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import torch
 
+from ..dtypes import resolve_dtype
+
 
 class QwenkitRunner:
     def __init__(self, path, dtype: str, quant: str | None, device: str = "cpu"):
@@ -22,7 +24,7 @@ class QwenkitRunner:
         from qwenkit.backends import decode_step
 
         self.device = device
-        self.model = qwenkit.load_model(path, dtype=getattr(torch, dtype), device=device, quantize=quant)
+        self.model = qwenkit.load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quant)
         self.cache = None
         self.decode = decode_step(self.model)
 
@@ -45,7 +47,7 @@ class TransformersRunner:
         path = Path(path)
         kw = {"gguf_file": path.name} if path.suffix == ".gguf" else {}
         root = path.parent if path.suffix == ".gguf" else path
-        self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=getattr(torch, dtype), **kw)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=resolve_dtype(dtype, device), **kw)
         self.model = self.model.to(device).eval()
         self.device, self.past = device, None
 

@@ -75,25 +75,22 @@ def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, rep
 
 
 def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
-    from .. import load_model
-    from ..loader import DTYPE_NAMES, resolve_dtype
-    from ..weights.hub import DEFAULT_MODEL
+    from ..commands.common import add_model_args, model_options
+    from ..loader import load_model
     from .bounds import weight_bytes_per_token
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_args(p, quantize=False)  # the MHA twin copies plain weights
     p.add_argument("--contexts", default="512,2048,8192,32768")
     p.add_argument("--batches", default="1,4,8,16,32")
     p.add_argument("--steps", type=int, default=16)
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
-                   help="auto (default): bf16 where the hardware multiplies it natively, else fp32")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    gqa = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device)
+    device, dtype = model_options(args)
+    gqa = load_model(args.model, dtype=dtype, device=device)
     models = {"GQA": gqa, "MHA": as_mha(gqa)}
     weights = weight_bytes_per_token(gqa)
     for name, model in models.items():

@@ -3,6 +3,7 @@ transformers answering the same requests one by one, in the same run.
 
 Every request asks for exactly `--max-tokens` tokens (ignore_eos), so the work is identical for
 both. Reported: aggregate output tokens/s and median / p90 time to first token per level.
+--model, --dtype and --device apply to both sides; --quantize to qwenkit's server only.
 """
 
 from __future__ import annotations
@@ -36,9 +37,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start_server(model: str, port: int, kv_memory: str, dtype: str, quantize: str | None = None) -> subprocess.Popen:
+def _start_server(model: str, port: int, kv_memory: str, dtype: str, device: str,
+                  quantize: str | None = None) -> subprocess.Popen:
     cmd = [sys.executable, "-m", "qwenkit.cli", "serve", "--model", model, "--port", str(port),
-           "--kv-cache-memory", kv_memory, "--dtype", dtype, "--log-level", "warning"]
+           "--kv-cache-memory", kv_memory, "--dtype", dtype, "--device", device, "--log-level", "warning"]
     if quantize:
         cmd += ["--quantize", quantize]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -96,18 +98,18 @@ async def _level(port: int, clients: int, requests: int, max_tokens: int) -> dic
             "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": ttfts[max(0, math.ceil(0.9 * len(ttfts)) - 1)]}
 
 
-def _transformers_baseline(path: str, requests: int, max_tokens: int, dtype: str) -> dict:
+def _transformers_baseline(path: str, requests: int, max_tokens: int, dtype: str, device: str) -> dict:
     code = f"""
 import json, time, torch, transformers
 from pathlib import Path
 p = Path({path!r}); kw = {{"gguf_file": p.name}} if p.suffix == ".gguf" else {{}}
 root = p.parent if p.suffix == ".gguf" else p
 tok = transformers.AutoTokenizer.from_pretrained(root, **kw)
-model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.{dtype}, **kw).eval()
+model = transformers.AutoModelForCausalLM.from_pretrained(root, dtype=torch.{dtype}, **kw).to({device!r}).eval()
 qs = {QUESTIONS!r}; n = 0; t0 = time.perf_counter()
 for i in range({requests}):
     ids = tok.apply_chat_template([{{"role": "user", "content": qs[i % len(qs)]}}], add_generation_prompt=True, return_tensors="pt")
-    ids = ids["input_ids"] if hasattr(ids, "keys") else ids
+    ids = (ids["input_ids"] if hasattr(ids, "keys") else ids).to({device!r})
     out = model.generate(ids, max_new_tokens={max_tokens}, min_new_tokens={max_tokens}, do_sample=False)
     n += out.shape[1] - ids.shape[1]
 print("RESULT", json.dumps({{"output_tok_s": n / (time.perf_counter() - t0), "requests": {requests}}}))
@@ -120,35 +122,30 @@ print("RESULT", json.dumps({{"output_tok_s": n / (time.perf_counter() - t0), "re
 
 
 def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
-    from ..loader import resolve_dtype, resolve_path
-    from ..weights.hub import DEFAULT_MODEL
+    from ..commands.common import add_model_args, model_options
+    from ..loader import resolve_path
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
-    p.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_args(p)
     p.add_argument("--levels", default="1,4,16", help="concurrent clients per level")
     p.add_argument("--max-tokens", type=int, default=64)
     p.add_argument("--kv-cache-memory", default="2GiB")
     p.add_argument("--baseline-requests", type=int, default=4, help="transformers requests (one by one)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float32"],
-                   help="for both sides; auto = bf16 where the hardware multiplies it natively, else fp32")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
-                   help="qwenkit's server only (weight-only layers, as `qwenkit serve --quantize`); "
-                        "transformers keeps --dtype")
     p.add_argument("--out", default="runs/bench")
     args = p.parse_args(argv)
     path = str(resolve_path(args.model))
-    dtype = str(resolve_dtype(args.dtype)).removeprefix("torch.")
+    device, dtype = model_options(args)
+    dtype = str(dtype).removeprefix("torch.")
     port = _free_port()
-    server = _start_server(path, port, args.kv_cache_memory, dtype, args.quantize)
+    server = _start_server(path, port, args.kv_cache_memory, dtype, device, args.quantize)
     try:
         levels = [asyncio.run(_level(port, c, max(c, 2 * c), args.max_tokens)) for c in map(int, args.levels.split(","))]
     finally:
         server.terminate()
         server.wait(timeout=60)
-    baseline = _transformers_baseline(path, args.baseline_requests, args.max_tokens, dtype)
-    result = {"model": args.model, "dtype": dtype, "quantize": args.quantize, "max_tokens": args.max_tokens,
-              "qwenkit": levels,
-              "transformers_sequential": baseline}
+    baseline = _transformers_baseline(path, args.baseline_requests, args.max_tokens, dtype, device)
+    result = {"model": args.model, "dtype": dtype, "device": device, "quantize": args.quantize,
+              "max_tokens": args.max_tokens, "qwenkit": levels, "transformers_sequential": baseline}
     _print(result)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "bench_serve.json.tmp"), "w") as f:

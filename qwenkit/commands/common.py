@@ -1,22 +1,41 @@
-"""Options and helpers shared by the generation commands."""
+"""Options and helpers shared by the commands that load a model: generate, chat, serve, eval,
+bench (its --device) and train score declare the model options here, once."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-def add_model_args(parser: argparse.ArgumentParser) -> None:
-    from ..loader import DTYPE_NAMES
+
+def add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> None:
+    """--model/-m, --dtype, --device and (unless the command cannot use it) --quantize."""
+    from ..backends.quant import SCHEMES
+    from ..dtypes import DTYPE_NAMES
     from ..weights.hub import DEFAULT_MODEL
 
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"HF directory, .gguf file or model id (default: {DEFAULT_MODEL})")
-    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPE_NAMES)],
-                        help="weight dtype (default auto: bf16 where the hardware has it natively, else fp32)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ... (default cpu)")
-    parser.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
-                        help="weight-only int8 (per channel), int4 (groups of 32) or bf16 (bf16 weights, fp32 "
-                        "arithmetic) projections, made while loading")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
+                        help="weight dtype (default auto: bf16 where the hardware multiplies it natively "
+                        "(CUDA, AVX512-BF16, AMX), else fp32)")
+    add_device_arg(parser)
+    if quantize:
+        parser.add_argument("--quantize", default=None, choices=SCHEMES,
+                            help="weight-only int8 (per channel), int4 (groups of 32) or bf16 (bf16 weights, "
+                            "fp32 arithmetic) projections, made while loading")
+
+
+def add_device_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default="auto",
+                        help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
+
+
+def model_options(args) -> tuple[str, torch.dtype]:
+    """(device, dtype) as the flags name them, each "auto" resolved."""
+    from ..dtypes import resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    return device, resolve_dtype(args.dtype, device)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
@@ -27,13 +46,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     parser.add_argument("--seed", type=int, default=None)
 
 
-def load(args):
-    """(model, tokenizer) for parsed args, with a progress bar on the terminal."""
-    from .. import load_model, load_tokenizer
-    from ..loader import resolve_dtype
+def load(args, adapter=None):
+    """(model, tokenizer) for parsed args, with a progress bar on the terminal; `adapter`: a LoRA
+    adapter directory merged into the weights (before --quantize)."""
+    from ..loader import load_model
+    from ..tokenizer import load_tokenizer
 
-    model = load_model(args.model, dtype=resolve_dtype(args.dtype, args.device), device=args.device,
-                       progress=sys.stderr.isatty(), quantize=args.quantize)
+    device, dtype = model_options(args)
+    model = load_model(args.model, dtype=dtype, device=device, progress=sys.stderr.isatty(),
+                       adapter=adapter, quantize=args.quantize)
     return model, load_tokenizer(model.source)
 
 

@@ -30,12 +30,15 @@ class Completion:
 
 class LLM:
     def __init__(self, model, tokenizer=None, settings: EngineSettings | None = None, **setting_changes):
-        """`model`: a QwenForCausalLM, or a path / model id to load (then its tokenizer comes too)."""
+        """`model`: a QwenForCausalLM, or a path / model id to load on the CPU in the `auto` dtype
+        (`qwenkit.dtypes`; then its tokenizer comes too)."""
         if isinstance(model, str) or hasattr(model, "__fspath__"):
-            from .. import load_model, load_tokenizer
+            from ..dtypes import auto_dtype
+            from ..loader import load_model
+            from ..tokenizer import load_tokenizer
 
             source = model
-            model = load_model(source)
+            model = load_model(source, dtype=auto_dtype("cpu"))
             tokenizer = tokenizer or load_tokenizer(source)
         settings = settings or EngineSettings()
         if setting_changes:

@@ -169,7 +169,7 @@ def load_sharded_model(source, dtype, device: str, world: int):
     init_method = f"tcp://127.0.0.1:{_free_port()}"
     ctx = mp.get_context("spawn")
     for rank in range(1, world):
-        ctx.Process(target=_worker, args=(source, str(dtype), device, rank, world, init_method), daemon=True).start()
+        ctx.Process(target=_worker, args=(source, dtype, device, rank, world, init_method), daemon=True).start()
     return _load_shard(source, dtype, device, 0, world, init_method)
 
 
@@ -181,9 +181,8 @@ def _load_shard(source, dtype, device: str, rank: int, world: int, init_method):
     return shard_model(load_model(source, dtype, dev), rank, world)
 
 
-def _worker(source, dtype_name: str, device: str, rank: int, world: int, init_method: str) -> None:
+def _worker(source, dtype: torch.dtype, device: str, rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
-    dtype = getattr(torch, dtype_name.removeprefix("torch."))
     worker_loop(_load_shard(source, dtype, device, rank, world, init_method))
 
 

@@ -14,14 +14,11 @@ TASKS = ("humaneval", "mbpp", "gsm8k", "perplexity", "needle")
 
 
 def parser(prog: str) -> argparse.ArgumentParser:
-    from ..weights.hub import DEFAULT_MODEL
+    from ..commands.common import add_model_args
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__.split("\n")[0])
     p.add_argument("task", choices=TASKS)
-    p.add_argument("--model", "-m", default=DEFAULT_MODEL, help=f"checkpoint or model id (default {DEFAULT_MODEL})")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto (default): bf16 where the hardware multiplies it natively, else fp32")
-    p.add_argument("--device", default="cpu")
+    add_model_args(p)
     p.add_argument("--out", type=Path, help="results directory (default runs/eval/<task>)")
     p.add_argument("--data", help="data file (.jsonl/.jsonl.gz; a text file for perplexity)")
     p.add_argument("--source", default="auto", choices=["auto", "local", "registry"],
@@ -42,10 +39,11 @@ def parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], prog: str = "qwenkit eval") -> int:
-    args = parser(prog).parse_args(argv)
-    from ..loader import resolve_dtype
+    from ..commands.common import model_options
 
-    args.dtype = str(resolve_dtype(args.dtype, args.device)).removeprefix("torch.")  # recorded in results
+    args = parser(prog).parse_args(argv)
+    device, dtype = model_options(args)
+    args.device, args.dtype = device, str(dtype).removeprefix("torch.")  # recorded in results
     out = args.out or Path("runs") / "eval" / args.task
     module = {"humaneval": "humaneval", "mbpp": "humaneval", "gsm8k": "gsm8k",
               "perplexity": "perplexity", "needle": "needle"}[args.task]

@@ -77,7 +77,7 @@ def run(args, out_dir: Path) -> dict:
     from .store import ItemLog
 
     data_file = resolve("gsm8k", args.data, args.source)
-    llm, tokenizer = build_llm(args.model, args.dtype, args.device, args.batch)
+    llm, tokenizer = build_llm(args)
     work = items(read_jsonl(data_file), tokenizer, args.limit, args.thinking)
     params = SamplingParams(max_tokens=args.max_tokens, temperature=0.0)
 

@@ -100,14 +100,14 @@ def run(args, out_dir: Path) -> dict:
     from .store import ItemLog
 
     data_file = resolve(args.task, args.data, args.source)
-    llm, tokenizer = build_llm(args.model, args.dtype, args.device, args.batch)
+    llm, tokenizer = build_llm(args)
     work = items(data_file, tokenizer, args.limit)
     temperature = args.temperature if args.n > 1 else 0.0
     log = ItemLog(out_dir / "items.jsonl")
     records = run_items(work, log, make_generate(llm, args.n, temperature, args.max_tokens, args.seed),
                         make_score(out_dir.parent / "reference-cache"), desc=args.task)
     summary = summarize(args.task, records)
-    settings = {"model": args.model, "dtype": args.dtype, "data": data_file.name, "n": args.n,
-                "temperature": temperature, "max_tokens": args.max_tokens}
+    settings = {"model": args.model, "dtype": args.dtype, "quantize": args.quantize, "data": data_file.name,
+                "n": args.n, "temperature": temperature, "max_tokens": args.max_tokens}
     finish(out_dir, {**summary, "settings": settings}, report(summary, records, settings))
     return summary

@@ -92,15 +92,14 @@ def heatmap(grid: list[dict], path: Path, title: str) -> None:
 
 
 def run(args, out_dir: Path) -> dict:
-    from .. import load_model, load_tokenizer
+    from ..commands.common import load
     from .perplexity import with_rope, yarn
     from .runner import finish, markdown_table
     from .store import ItemLog
 
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load(args)
     if args.yarn_factor:
         with_rope(model, yarn(model, args.yarn_factor))
-    tokenizer = load_tokenizer(model.source)
     log = ItemLog(out_dir / "items.jsonl")
     lengths = [int(x) for x in args.lengths.split(",")]
     depths = [float(x) for x in args.depths.split(",")]
@@ -111,7 +110,8 @@ def run(args, out_dir: Path) -> dict:
     grid = sorted(log.records, key=lambda r: (r["length"], r["depth"]))  # earlier runs into this dir too
     heatmap(grid, out_dir / "needle.png", f"needle in a haystack: {Path(str(args.model)).name}")
     summary = {"benchmark": "needle", "accuracy": 100.0 * sum(r["correct"] for r in grid) / max(1, len(grid)),
-               "grid": grid, "settings": {"model": args.model, "dtype": args.dtype, "yarn_factor": args.yarn_factor}}
+               "grid": grid, "settings": {"model": args.model, "dtype": args.dtype, "quantize": args.quantize,
+                                          "yarn_factor": args.yarn_factor}}
     cols = ["length", "depth", "tokens", "correct", "prefill_s", "kv_mib", "reply"]
     finish(out_dir, summary, f"# Needle in a haystack\n\n{markdown_table(grid, cols)}\n\n![heatmap](needle.png)\n")
     return summary

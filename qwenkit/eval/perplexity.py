@@ -63,16 +63,16 @@ def bucket_means(losses_by_pos: dict[int, list[float]], context: int, buckets: i
 
 
 def run(args, out_dir: Path) -> dict:
-    from .. import load_model, load_tokenizer
+    from ..commands.common import load
     from .runner import finish, markdown_table
     from .store import ItemLog
 
     if not args.data:
         raise ConfigError("perplexity needs --data TEXT_FILE")
-    model = load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    model, tokenizer = load(args)
     if args.yarn_factor:
         with_rope(model, yarn(model, args.yarn_factor))
-    ids = load_tokenizer(model.source).encode(Path(args.data).read_text(encoding="utf-8"))
+    ids = tokenizer.encode(Path(args.data).read_text(encoding="utf-8"))
     log = ItemLog(out_dir / "items.jsonl")
     done = log.done_ids()
     for start, end, first in windows(len(ids), args.context, args.stride or args.context):

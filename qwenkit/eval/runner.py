@@ -21,18 +21,14 @@ class Item:
     payload: object = None  # what the scorer needs (the task)
 
 
-def build_llm(model_path: str, dtype: str = "bfloat16", device: str = "cpu", max_num_seqs: int = 32,
-              kv_cache_memory: int = 2 << 30):
-    """(LLM, tokenizer): the batching engine with a fixed KV budget (a share of free memory would
-    grow with the machine, not the benchmark)."""
-    import torch
-
-    from .. import load_model, load_tokenizer
+def build_llm(args, kv_cache_memory: int = 2 << 30):
+    """(LLM, tokenizer) for the model flags: the batching engine, --batch sequences at a time, with a
+    fixed KV budget (a share of free memory would grow with the machine, not the benchmark)."""
+    from ..commands.common import load
     from ..engine.llm import LLM
 
-    model = load_model(model_path, dtype=getattr(torch, dtype), device=device)
-    tokenizer = load_tokenizer(model.source)
-    llm = LLM(model, tokenizer, max_num_seqs=max_num_seqs, kv_cache_memory=kv_cache_memory)
+    model, tokenizer = load(args)
+    llm = LLM(model, tokenizer, max_num_seqs=args.batch, kv_cache_memory=kv_cache_memory)
     return llm, tokenizer
 
 

@@ -146,19 +146,15 @@ def _install_error_handlers(app: FastAPI) -> None:
 def parser(prog: str):
     import argparse
 
+    from ..commands.common import add_model_args
+
     p = argparse.ArgumentParser(prog=prog, description="OpenAI-compatible server for a Qwen model.")
-    p.add_argument("--model", default=None, help="checkpoint directory, .gguf file or model id (default: the default model)")
+    add_model_args(p)
     p.add_argument("--tokenizer", default=None, help="tokenizer source (default: the model's)")
     p.add_argument("--served-model-name", default=None, help="the name clients pass as `model`")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (also $QWENKIT_API_KEY)")
-    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="default auto: bf16 where the hardware has it natively, else fp32")
-    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
-    p.add_argument("--quantize", default=None, choices=["int8", "int4", "bf16"],
-                   help="weight-only int8 (per channel), int4 (groups of 32) or bf16 (bf16 weights, fp32 "
-                        "arithmetic) projections, made while loading")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
@@ -185,13 +181,13 @@ def load(args):
     """(model, tokenizer) as the flags ask, tensor-parallel when --tensor-parallel-size > 1."""
     import torch
 
-    from .. import load_model, load_tokenizer
-    from ..loader import resolve_dtype
+    from ..commands.common import model_options
+    from ..loader import load_model
+    from ..tokenizer import load_tokenizer
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = resolve_dtype(args.dtype, device)
+    device, dtype = model_options(args)
     tokenizer = load_tokenizer(args.tokenizer or args.model)
     if args.tensor_parallel_size > 1:
         from ..engine.tensor_parallel import load_sharded_model
@@ -220,8 +216,7 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
         attach(engine)
     blocks = engine.blocks
     mib = engine.runner.cache.k.nbytes * 2 / 2**20
-    name = args.served_model_name or (Path(args.model).name if args.model else getattr(model, "source", "qwen"))
-    name = Path(str(name)).name
+    name = Path(args.served_model_name or args.model).name
     print(f"{prog}: {name} on {model.device} ({model.dtype}); KV cache {blocks.num_blocks} blocks x "
           f"{blocks.block_size} = {engine.num_context_tokens} tokens of context ({mib:.0f} MiB); "
           f"max {engine.max_model_len} tokens per request", flush=True)

@@ -150,17 +150,14 @@ def make_data_cmd(argv: list[str], prog: str) -> int:
 def score_cmd(argv: list[str], prog: str) -> int:
     import time
 
-    import torch
-
-    from .. import load_model, load_tokenizer
+    from ..commands.common import add_model_args, load
     from .data import read_rows
     from .grpo import greedy_answers
-    from ..model.lora import apply_adapter
     from .tasks import REWARDS, prompt_messages
 
     p = argparse.ArgumentParser(prog=f"{prog} score", description="mean reward of greedy (and sampled) answers on held-out rows")
-    p.add_argument("--model", default="qwen2.5-coder-0.5b-instruct")
-    p.add_argument("--adapter")
+    add_model_args(p)
+    p.add_argument("--adapter", help="a LoRA adapter directory (PEFT layout), merged into the weights")
     p.add_argument("--data", required=True, help="a .jsonl file or task:NAME:N[:SEED]")
     p.add_argument("--reward", required=True, choices=sorted(REWARDS))
     p.add_argument("--limit", type=int, default=50)
@@ -171,10 +168,7 @@ def score_cmd(argv: list[str], prog: str) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    model = load_model(args.model, dtype=torch.float32)
-    if args.adapter:
-        apply_adapter(model, args.adapter)
-    tok = load_tokenizer(args.model)
+    model, tok = load(args, adapter=args.adapter)
     rows, report = read_rows(args.data, lambda r: None, max_rows=args.limit)
     prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True) for r in rows]
     t0 = time.perf_counter()

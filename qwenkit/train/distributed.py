@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dtypes import resolve_device
 from ..errors import ConfigError
 
 
@@ -33,11 +34,10 @@ class Dist:
 
 
 def pick_device(pref: str) -> torch.device:
-    if pref == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if pref == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("run.device: cuda requested but no CUDA device is available")
-    return torch.device(pref)
+    try:
+        return torch.device(resolve_device(pref))
+    except ConfigError as e:
+        raise ConfigError(f"run.device: {e}") from None
 
 
 def init_distributed(device_pref: str) -> Dist:

@@ -16,6 +16,7 @@ from typing import Any, Callable
 import torch
 
 from ..config import QwenConfig
+from ..dtypes import DTYPE_NAMES, resolve_dtype
 from ..errors import ConfigError, TrainingError
 from . import data as D
 from .config import TrainConfig
@@ -73,10 +74,10 @@ def model_config(cfg: TrainConfig, tokenizer) -> QwenConfig:
 
 
 def _dtype(name: str) -> torch.dtype:
-    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-    if name not in table:
-        raise ConfigError(f"model.dtype: {name!r} is not one of {', '.join(table)}")
-    return table[name]
+    """The parameter dtype: a name, never "auto" (training picks its precision in run.precision)."""
+    if name not in DTYPE_NAMES:
+        raise ConfigError(f"model.dtype: {name!r} is not one of {', '.join(DTYPE_NAMES)}")
+    return resolve_dtype(name)
 
 
 def _model(cfg: TrainConfig, tokenizer) -> torch.nn.Module:
