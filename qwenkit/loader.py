@@ -13,6 +13,7 @@ import torch
 
 from . import backends
 from .config import QwenConfig
+from .dtypes import resolve_dtype
 from .errors import ConfigError
 from .backends.quant import QuantizeOnLoad, check_scheme
 from .backends.quant import quantize as quantize_model
@@ -30,11 +31,14 @@ def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCa
     return model
 
 
-def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, device="cpu",
+def load_model(path_or_id: str | Path | None = None, dtype: str | torch.dtype = "auto", device="cpu",
                progress: bool = False, adapter: str | Path | None = None,
                quantize: str | None = None) -> QwenForCausalLM:
     """Load a Qwen model from an HF-format directory, a .gguf file, or a model id.
 
+    `dtype`: a torch.dtype or a name (`qwenkit.dtypes`); "auto" loads the fastest correct form for
+    the device, the host and how the checkpoint stores its weights (`backends.auto_plan`: e.g. a
+    quantized GGUF on a CPU as int8 weights under fp32 arithmetic).
     `adapter`: a LoRA adapter directory in PEFT's layout, merged into the weights.
     `quantize`: "int8", "int4" or "bf16" weight-only layers (`model.quant`), each made as soon as
     its weights are loaded (with an adapter, after merging it).
@@ -51,7 +55,10 @@ def load_model(path_or_id: str | Path | None = None, dtype=torch.bfloat16, devic
         raise ConfigError(f"{where}: {e}") from None
     if ckpt.eos_token_ids:
         cfg = cfg.replace(eos_token_id=tuple(ckpt.eos_token_ids))
-    model = build_model(cfg, dtype, device)
+    if isinstance(dtype, str) and dtype == "auto":
+        dtype, auto_scheme = backends.auto_plan(device, ckpt.stored)
+        quantize = quantize or auto_scheme
+    model = build_model(cfg, resolve_dtype(dtype, device), device)
     tensors = ckpt.tensors()
     if progress:
         from tqdm import tqdm

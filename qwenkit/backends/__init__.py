@@ -4,38 +4,11 @@ The model (`qwenkit/model/`) is the math in plain torch. A backend swaps some of
 forms with the same parameters and a faster `forward`, and may install a decode step (the whole
 one-token call done its own way), which `generate` and the engine's runner ask for with
 `decode_step(model)`. `load_model` calls `install(model)`; call it again after changing a
-model's dtype or device. Which path runs where (phase: prefill = many tokens a row, decode = one):
+model's dtype or device.
 
-| device, host | model (weights) | prefill | decode |
-|---|---|---|---|
-| CPU with AVX2 and a C compiler | fp32 | oneDNN fp32 GEMM (> 8 rows); C norm, RoPE, SiLU | fused C step: all layers in one call, fp32 GEMVs, attention read in place (static or paged) |
-| same | fp32 activations, int8 / int4 / bf16 weights (`quantize=`) | weights dequantized once per call, then the GEMM | fused C step with the integer / bf16 GEMVs |
-| CPU with AVX2 and a C compiler | bf16 | torch: oneDNN bf16 GEMM (AVX512-BF16, AMX) | torch modules; C attention over the bf16 cache, read in place (static or paged) |
-| CUDA | any | torch: cuBLAS, SDPA | torch modules |
-| anything else (no AVX2, no compiler, QWENKIT_CPU_KERNELS=0) | any | torch | torch |
-
-Each row is a `BACKENDS` entry; `choose(model)` picks one from the model's device and dtype and
-from what the host has (`cpu_kernels.kernels()` is None where the C kernels cannot run).
-"bf16 GEMM" in prefill means: on CPUs that multiply bf16 natively (AVX512-BF16, AMX; see
-`host.py`) the weights, as stored or dequantized to bf16 once a call, meet activations rounded
-to bf16 in oneDNN's bf16 GEMM (3-4x the fp32 GEMM's rate); elsewhere the fp32 GEMM.
-
-`--dtype auto` (`auto_plan`) picks what is loaded, from the device, the host and how the
-checkpoint stores its matrices, for the fastest correct path per phase:
-
-| device, host | checkpoint stores | loaded as | prefill | decode |
-|---|---|---|---|---|
-| CPU with the C kernels | 4-8 bit blocks (a quantized GGUF) | fp32 activations, int8 weights (per channel) | bf16 GEMM where native, else fp32 GEMM, on W dequantized once a call | fused C step, int8 GEMV |
-| same | bf16 / fp16 | fp32 activations, bf16 weights (exact for bf16) | bf16 GEMM where native, else fp32 GEMM | fused C step, bf16 GEMV |
-| same | fp32 | fp32 | fp32 GEMM | fused C step, fp32 GEMV |
-| CPU without the C kernels | any | bf16 where native, else fp32 | torch | torch |
-| CUDA | any | bf16 | torch | torch |
-
-An explicit `--dtype` (and `--quantize`) loads exactly what it names. Why int8 for a quantized
-GGUF, measured on the default model (Q5_0/Q4_K/Q6_K/Q8_0 mix), AVX-512 + AVX512-BF16 host, 2
-threads, one run: int8 decodes batch 1 at 91.7 tok/s against int4's 93.9 and prefills at 743
-tok/s against int4's 442 (its dequantization is the slower), with perplexity +0.1% of the
-dequantized file against int4's +7% (int4 re-rounds the file's 5-bit blocks to 4 bits).
+Which path runs for which (device, host, dtype, phase), and what `--dtype auto` loads
+(`auto_plan`), is written down once, in docs/architecture.md ("Which path runs where"); `choose`
+and `auto_plan` below are that table in code.
 """
 
 from __future__ import annotations

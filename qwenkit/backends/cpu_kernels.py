@@ -81,7 +81,7 @@ class Layout(ctypes.Structure):
 
 
 def _build(compiler: str) -> Path:
-    from ..weights.hub import qwenkit_home
+    from ..paths import qwenkit_home
 
     source = SOURCE.read_bytes()
     digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-DEFAULT_CONFIGS = ("qwenkit:bfloat16,qwenkit:bfloat16:int8,qwenkit:bfloat16:int4,qwenkit:float32,"
+DEFAULT_CONFIGS = ("qwenkit:auto,qwenkit:bfloat16,qwenkit:bfloat16:int8,qwenkit:bfloat16:int4,qwenkit:float32,"
                    "qwenkit:float32:bf16,qwenkit:float32:int8,qwenkit:float32:int4,transformers:bfloat16,"
                    "transformers:float32,llama.cpp:bf16,llama.cpp:gguf,vllm:bfloat16,vllm:float32")
 
@@ -75,7 +75,9 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
     else:
         path = str(resolve_path(args.model))
     vocab_size = _vocab_size(path)
-    results = {"model": args.model, "path_name": Path(path).name, "batch": args.batch,
+    from ..backends.host import features
+
+    results = {"model": args.model, "path_name": Path(path).name, "batch": args.batch, "host": features(),
                "probe_before": probe(args.device), "configs": {}}
     slow_bf16 = _slow_bf16(results["probe_before"], args.device)
     for text in args.configs.split(","):

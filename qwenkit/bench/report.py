@@ -17,12 +17,23 @@ def bounds(results: dict) -> dict:
     out = {}
     for name, r in results["configs"].items():
         if "weight_bytes_per_token" in r:
-            # prefill is held to the GEMM peak of the dtype it computes in (int8/int4 compute in it too)
-            key = "fp32_gemm_GFLOPs" if name.split(":")[1] == "float32" else "bf16_gemm_GFLOPs"
+            key = f"{prefill_gemm(name)}_gemm_GFLOPs"
             gemm = max(results["probe_before"][key], results["probe_after"][key]) * 1e9
             out[name] = {"decode_bound_tok_s": bw / r["weight_bytes_per_token"],
                          "prefill_bound_tok_s": gemm / r["prefill_flops_per_token"]}
     return out
+
+
+def prefill_gemm(name: str) -> str:
+    """The GEMM a qwenkit config's prefill runs, "bf16" or "fp32", whose probed peak bounds it:
+    the model's dtype, except for weights kept quantized or in bf16 (`:int8`, `:auto`, ...),
+    which meet the GEMM of the host's `PREFILL_DTYPE` (bf16 where the CPU has it natively)."""
+    from ..backends.quant import PREFILL_DTYPE
+
+    _, dtype, *quant = name.split(":")
+    if quant or dtype == "auto":
+        return "bf16" if PREFILL_DTYPE.itemsize == 2 else "fp32"
+    return "fp32" if dtype == "float32" else "bf16"
 
 
 def _cell(key: str, value) -> str:
@@ -35,7 +46,7 @@ def _cell(key: str, value) -> str:
 
 def render(results: dict) -> str:
     cols = columns(results.get("batch", 8))
-    lines = [f"model: {results['model']}",
+    lines = [f"model: {results['model']}; host: {results.get('host', '?')}",
              "probe before: {read_GBps:.1f} GB/s read, GEMM {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16, {fp32_gemm_GFLOPs:.0f} fp32, {threads} threads".format(**results["probe_before"]),
              "probe after:  {read_GBps:.1f} GB/s read, GEMM {bf16_gemm_GFLOPs:.0f} GFLOP/s bf16, {fp32_gemm_GFLOPs:.0f} fp32".format(**results["probe_after"]),
              "", "| config | " + " | ".join(h for _, h in cols) + " | decode b1 / bound | prefill / bound |",
@@ -49,7 +60,7 @@ def render(results: dict) -> str:
         d = f"{r['decode_b1_tok_s'] / frac['decode_bound_tok_s']:.0%}" if frac else "-"
         p = f"{r['prefill_tok_s'] / frac['prefill_bound_tok_s']:.0%}" if frac else "-"
         lines.append(f"| {name} | " + " | ".join(_cell(k, r.get(k)) for k, _ in cols) + f" | {d} | {p} |")
-    lines += ["", ratios(results), "", agreement(results)]
+    lines += ["", ratios(results), "", default_ratios(results), "", agreement(results)]
     return "\n".join(lines)
 
 
@@ -76,6 +87,18 @@ def agreement(results: dict) -> str:
         verdict = f"all {len(r['greedy_tokens'])} equal" if same is None else f"first differs at token {same}"
         lines.append(f"  {name:24s} vs {ref_name}: {verdict}")
     return "\n".join(lines)
+
+
+def default_ratios(results: dict) -> str:
+    """The default configuration (`qwenkit:auto`, what `--dtype auto` loads) against transformers
+    in bf16: the figures the defaults are held to."""
+    ok = {n: r for n, r in results["configs"].items() if "error" not in r}
+    auto, peer = ok.get("qwenkit:auto"), ok.get("transformers:bfloat16")
+    if auto is None or peer is None:
+        return "(qwenkit:auto or transformers:bfloat16 did not run: no default-configuration ratios)"
+    keys = ["prefill_tok_s", "decode_b1_tok_s", f"decode_b{results.get('batch', 8)}_tok_s"]
+    return "default configuration (qwenkit:auto) / transformers:bfloat16: " + ", ".join(
+        f"{k.removesuffix('_tok_s').replace('_', ' ')} {auto[k] / peer[k]:.2f}x" for k in keys)
 
 
 def ratios(results: dict) -> str:

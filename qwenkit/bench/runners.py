@@ -24,7 +24,7 @@ class QwenkitRunner:
         from qwenkit.backends import decode_step
 
         self.device = device
-        self.model = qwenkit.load_model(path, dtype=resolve_dtype(dtype, device), device=device, quantize=quant)
+        self.model = qwenkit.load_model(path, dtype=dtype, device=device, quantize=quant)  # names, "auto" too
         self.cache = None
         self.decode = decode_step(self.model)
 

@@ -123,6 +123,7 @@ print("RESULT", json.dumps({{"output_tok_s": n / (time.perf_counter() - t0), "re
 
 def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
     from ..commands.common import add_model_args, model_options
+    from ..dtypes import resolve_dtype
     from ..loader import resolve_path
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
@@ -135,7 +136,8 @@ def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
     args = p.parse_args(argv)
     path = str(resolve_path(args.model))
     device, dtype = model_options(args)
-    dtype = str(dtype).removeprefix("torch.")
+    # one dtype for both sides: "auto" as a plain dtype (its weight plan would quantize qwenkit's side)
+    dtype = str(resolve_dtype(dtype, device)).removeprefix("torch.")
     port = _free_port()
     server = _start_server(path, port, args.kv_cache_memory, dtype, device, args.quantize)
     try:

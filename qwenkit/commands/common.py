@@ -16,8 +16,8 @@ def add_model_args(parser: argparse.ArgumentParser, quantize: bool = True) -> No
     parser.add_argument("--model", "-m", default=DEFAULT_MODEL,
                         help=f"HF directory, .gguf file or model id (default: {DEFAULT_MODEL})")
     parser.add_argument("--dtype", default="auto", choices=["auto", *DTYPE_NAMES],
-                        help="weight dtype (default auto: bf16 where the hardware multiplies it natively "
-                        "(CUDA, AVX512-BF16, AMX), else fp32)")
+                        help="model dtype (default auto: on a CPU fp32 arithmetic with the weights kept no "
+                        "more precise than the checkpoint's: int8 for a quantized GGUF, bf16 for bf16; on a GPU bf16)")
     add_device_arg(parser)
     if quantize:
         parser.add_argument("--quantize", default=None, choices=SCHEMES,
@@ -30,12 +30,13 @@ def add_device_arg(parser: argparse.ArgumentParser) -> None:
                         help="auto (default: cuda when available, else cpu), cpu, cuda, cuda:1, ...")
 
 
-def model_options(args) -> tuple[str, torch.dtype]:
-    """(device, dtype) as the flags name them, each "auto" resolved."""
+def model_options(args) -> tuple[str, "torch.dtype | str"]:
+    """(device, dtype) as the flags name them: the device resolved, the dtype a torch.dtype, or
+    "auto", which `load_model` resolves with the checkpoint in hand (`backends.auto_plan`)."""
     from ..dtypes import resolve_device, resolve_dtype
 
     device = resolve_device(args.device)
-    return device, resolve_dtype(args.dtype, device)
+    return device, "auto" if args.dtype == "auto" else resolve_dtype(args.dtype, device)
 
 
 def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:

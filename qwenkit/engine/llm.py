@@ -33,12 +33,11 @@ class LLM:
         """`model`: a QwenForCausalLM, or a path / model id to load on the CPU in the `auto` dtype
         (`qwenkit.dtypes`; then its tokenizer comes too)."""
         if isinstance(model, str) or hasattr(model, "__fspath__"):
-            from ..dtypes import auto_dtype
             from ..loader import load_model
             from ..tokenizer import load_tokenizer
 
             source = model
-            model = load_model(source, dtype=auto_dtype("cpu"))
+            model = load_model(source)
             tokenizer = tokenizer or load_tokenizer(source)
         settings = settings or EngineSettings()
         if setting_changes:

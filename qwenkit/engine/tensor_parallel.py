@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..dtypes import resolve_dtype
 from ..errors import ConfigError
 
 
@@ -156,7 +157,9 @@ def worker_loop(model) -> None:
 
 def load_sharded_model(source, dtype, device: str, world: int):
     """Rank 0's shard of `source`, with the other ranks running `worker_loop` (spawned here, or
-    already running under torchrun, in which case ranks > 0 never return)."""
+    already running under torchrun, in which case ranks > 0 never return). "auto" is a plain dtype
+    here: sharding slices full-precision weights, not quantized ones."""
+    dtype = resolve_dtype(dtype, device)
     if "RANK" in os.environ:  # torchrun
         rank = int(os.environ["RANK"])
         model = _load_shard(source, dtype, device, rank, world, None)
