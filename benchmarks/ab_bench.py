@@ -79,6 +79,8 @@ def main() -> None:
                 continue
             b, t = statistics.median(vals["base"]), statistics.median(vals["this"])
             cells.append(f"{b:.1f} / {t:.1f} / {t / b:.2f}x")
+            print(f"  {name} {f}: base {[round(x, 1) for x in vals['base']]} this {[round(x, 1) for x in vals['this']]}",
+                  file=sys.stderr)
         tokens = {k: [x.get("greedy_tokens") for x in v] for k, v in runs.items()}
         same = "equal" if tokens.get("base", [None])[0] == tokens.get("this", [0])[0] else "differ"
         errors = [x["error"] for v in runs.values() for x in v if "error" in x]

@@ -40,7 +40,7 @@ def load_model(path_or_id: str | Path | None = None, dtype: str | torch.dtype = 
     the device, the host and how the checkpoint stores its weights (`backends.auto_plan`: e.g. a
     quantized GGUF on a CPU as int8 weights under fp32 arithmetic).
     `adapter`: a LoRA adapter directory in PEFT's layout, merged into the weights.
-    `quantize`: "int8", "int4" or "bf16" weight-only layers (`model.quant`), each made as soon as
+    `quantize`: "int8", "int4" or "bf16" weight-only layers (`backends/quant.py`), each made as soon as
     its weights are loaded (with an adapter, after merging it).
     """
     from .weights import open_checkpoint

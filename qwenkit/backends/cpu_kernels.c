@@ -421,12 +421,28 @@ static inline void store4(void *out, int64_t at, __m128 v, int out_bf16) {
     else _mm_storeu_ps((float *)out + at, v);
 }
 
+// A row of int8 weights times its scale into bf16, 16 at a time, with AVX512-BF16's conversion
+// (round to nearest even, as bf16_round4) on CPUs that have it: the dequantization ahead of a
+// bf16 prefill GEMM ran 1.3 ms for the default model's gate/up matrix with the AVX2 loop, ~13% of
+// the GEMM it feeds. Returns how far it got; the caller does the tail.
+__attribute__((target("avx512f,avx512bf16"))) static int64_t int8_row_bf16(const int8_t *wr, float s, uint16_t *o,
+                                                                           int64_t K) {
+    const __m512 scale = _mm512_set1_ps(s);
+    int64_t k = 0;
+    for (; k + 16 <= K; k += 16) {
+        const __m512i v = _mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(wr + k)));
+        _mm256_storeu_si256((__m256i *)(o + k), (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(_mm512_cvtepi32_ps(v), scale)));
+    }
+    return k;
+}
+
 int qk_int8_dequant(const int8_t *w, const float *s, void *out, int64_t N, int64_t K, int out_bf16, int threads) {
+    const int native_bf16 = out_bf16 && __builtin_cpu_supports("avx512bf16");
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++) {
         const __m256 scale = _mm256_set1_ps(s[n]);
         const int8_t *wr = w + n * K;
-        int64_t k = 0;
+        int64_t k = native_bf16 ? int8_row_bf16(wr, s[n], (uint16_t *)out + n * K, K) : 0;
         for (; k + 8 <= K; k += 8) {
             __m256i v = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(wr + k)));
             const __m256 f = _mm256_mul_ps(_mm256_cvtepi32_ps(v), scale);

@@ -22,7 +22,8 @@ class PagedKVCache:
         self.k = torch.zeros(shape, dtype=dtype, device=device)
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.block_size = block_size
-        self._call = None  # (positions, masks, write_slots, write_rows, SlotMap) of the prepared call
+        # the prepared call (see `prepare`)
+        self.positions = self.masks = self.write_slots = self.write_rows = self.slot_map = None
 
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
@@ -36,29 +37,27 @@ class PagedKVCache:
         (B, blocks): the blocks read_slots come from."""
         _, slots, n_kv, D = self.k.shape
         last = positions[:, -1].contiguous()  # a one-token call writes there
-        slot_map = SlotMap(self.k, self.v, slots * n_kv * D, 0, D, n_kv * D, last, read_slots.shape[1],
-                           tables=block_tables.contiguous(), block_size=self.block_size, read_slots=read_slots)
-        self._call = positions, masks, write_slots, write_rows, slot_map
+        self.slot_map = SlotMap(self.k, self.v, slots * n_kv * D, 0, D, n_kv * D, last, read_slots.shape[1],
+                                tables=block_tables.contiguous(), block_size=self.block_size, read_slots=read_slots)
+        self.positions, self.masks, self.write_slots, self.write_rows = positions, masks, write_slots, write_rows
 
     def begin(self, attention_mask, T: int):
         if attention_mask is not None:
             raise ValueError("a paged cache takes positions and masks from the runner, not an attention_mask")
-        positions, masks = self._call[:2]
-        return positions, masks
+        return self.positions, self.masks
 
     def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
         self._store(layer, k, v)
-        return sdpa.paged(q, self.k[layer], self.v[layer], self._call[4], mask)
+        return sdpa.paged(q, self.k[layer], self.v[layer], self.slot_map, mask)
 
     def end(self, T: int) -> None:
         pass
 
     def slots(self) -> SlotMap:
-        return self._call[4]
+        return self.slot_map
 
     def _store(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> None:
         B, n_kv, T, D = k.shape
-        _, _, write_slots, write_rows, _ = self._call
         for pool, new in ((self.k[layer], k), (self.v[layer], v)):
             flat = new.transpose(1, 2).reshape(B * T, n_kv, D)  # (B*T, n_kv, D)
-            pool.index_copy_(0, write_slots, flat.index_select(0, write_rows))
+            pool.index_copy_(0, self.write_slots, flat.index_select(0, self.write_rows))
