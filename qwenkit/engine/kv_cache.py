@@ -53,6 +53,9 @@ class PagedKVCache:
     def end(self, T: int) -> None:
         pass
 
+    def trim(self, n: int) -> None:
+        pass  # the next call's positions come from the scheduler, which frees what it no longer counts
+
     def slots(self) -> SlotMap:
         return self.slot_map
 

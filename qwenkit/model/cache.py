@@ -10,6 +10,8 @@ The model never asks what kind of cache it has. In one forward call it asks the 
    keeps, dense slices (`sdpa(q, k, v, mask)`) or a paged pool (`sdpa.paged(q, k, v, slots, mask)`).
 3. `end(T)`: the call is over; its tokens now belong to the cache.
 
+`trim(n)` forgets the last n tokens stored (a speculative step's rejected proposals).
+
 Kernels that walk the storage themselves (the fused decode step) ask `slots()`: a `SlotMap`
 saying where each row's positions live. Implementations: `KVCache` here (one preallocated
 buffer a batch: `generate`, `bench`), `engine.kv_cache.PagedKVCache` (the engine's pool of
@@ -65,6 +67,9 @@ class Cache(Protocol):
     def end(self, T: int) -> None:
         """The call's T tokens are stored for good."""
 
+    def trim(self, n: int) -> None:
+        """Forget the last n tokens stored: the next call writes where they were."""
+
     def slots(self) -> SlotMap:
         """Where this call's rows read and write, for kernels that walk the storage."""
 
@@ -97,6 +102,11 @@ class KVCache:
 
     def end(self, T: int) -> None:
         self.length += T
+
+    def trim(self, n: int) -> None:
+        if not 0 <= n <= self.length:
+            raise ValueError(f"cannot forget {n} of the {self.length} tokens the KV cache holds")
+        self.length -= n
 
     def slots(self) -> SlotMap:
         _, B, n_kv, L, D = self.k.shape
