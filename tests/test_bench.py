@@ -95,7 +95,8 @@ def test_bench_random_weights_of_a_given_shape_are_made_once_and_run(tmp_path, m
 def test_bench_serve_drives_a_quantized_server_and_transformers_on_one_checkpoint(tmp_path):
     """`qwenkit bench serve --quantize int8` end to end: a real `qwenkit serve --quantize int8`
     subprocess answers every streamed request of each concurrency level (twice as many requests
-    as clients), transformers answers requests one by one, and the report names the quantization."""
+    as clients), transformers answers requests one by one, and the report names the quantization.
+    Beside the clients' timings, each level carries what the server's /metrics recorded over it."""
     import json
     import subprocess
     import sys
@@ -115,5 +116,9 @@ def test_bench_serve_drives_a_quantized_server_and_transformers_on_one_checkpoin
     assert res["quantize"] == "int8" and res["dtype"] == "float32"
     assert [(lv["clients"], lv["requests"]) for lv in res["qwenkit"]] == [(1, 2), (3, 6)]
     assert all(lv["output_tok_s"] > 0 and 0 < lv["ttft_median_s"] <= lv["ttft_p90_s"] for lv in res["qwenkit"])
+    for lv in res["qwenkit"]:  # the server's histograms saw exactly this level's requests
+        assert lv["server_requests"] == lv["requests"] and 0 < lv["server_ttft_median_s"] <= lv["server_ttft_p90_s"]
+        assert 0 < lv["server_ttft_mean_s"] <= lv["server_e2e_mean_s"] and lv["server_queue_mean_s"] >= 0
+        assert lv["server_itl_mean_s"] > 0
     assert res["transformers_sequential"]["output_tok_s"] > 0
     assert "float32 + int8" in proc.stdout

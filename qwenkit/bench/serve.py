@@ -2,7 +2,9 @@
 transformers answering the same requests one by one, in the same run.
 
 Every request asks for exactly `--max-tokens` tokens (ignore_eos), so the work is identical for
-both. Reported: aggregate output tokens/s and median / p90 time to first token per level.
+both. Reported: aggregate output tokens/s and median / p90 time to first token per level, as the
+clients saw it, and beside it what the server's /metrics histograms recorded over the level (time
+to first token, inter-token latency, queue time, end-to-end latency).
 --model, --dtype and --device apply to both sides; --quantize to qwenkit's server only.
 """
 
@@ -82,6 +84,7 @@ async def _level(port: int, clients: int, requests: int, max_tokens: int) -> dic
 
     url = f"http://127.0.0.1:{port}/v1/chat/completions"
     model = httpx.get(f"http://127.0.0.1:{port}/v1/models").json()["data"][0]["id"]
+    before = _scrape(port)
     queue = [QUESTIONS[i % len(QUESTIONS)] for i in range(requests)]
     results = []
 
@@ -95,7 +98,34 @@ async def _level(port: int, clients: int, requests: int, max_tokens: int) -> dic
         wall = time.perf_counter() - t0
     ttfts = sorted(t for t, _ in results)
     return {"clients": clients, "requests": requests, "output_tok_s": sum(n for _, n in results) / wall,
-            "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": ttfts[max(0, math.ceil(0.9 * len(ttfts)) - 1)]}
+            "ttft_median_s": statistics.median(ttfts), "ttft_p90_s": ttfts[max(0, math.ceil(0.9 * len(ttfts)) - 1)],
+            **_server_side(before, _scrape(port))}
+
+
+def _scrape(port: int) -> dict[str, float]:
+    import httpx
+
+    from ..server import metrics
+
+    return metrics.parse(httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text)
+
+
+def _server_side(before: dict[str, float], after: dict[str, float]) -> dict:
+    """What the server's histograms recorded between two scrapes: means, and the time to first
+    token's median / p90 as Prometheus' histogram_quantile estimates them from the buckets."""
+    from ..server import metrics
+
+    out = {}
+    for key, name in (("ttft", "time_to_first_token"), ("itl", "inter_token_latency"),
+                      ("queue", "request_queue_time"), ("e2e", "e2e_request_latency")):
+        buckets, total = metrics.histogram(after, f"vllm:{name}_seconds", since=before)
+        count = buckets[-1][1] if buckets else 0
+        out[f"server_{key}_mean_s"] = total / count if count else None
+        if key == "ttft" and count:
+            out["server_ttft_median_s"], out["server_ttft_p90_s"] = (metrics.quantile(buckets, q) for q in (0.5, 0.9))
+        if key == "e2e":
+            out["server_requests"] = int(count)
+    return out
 
 
 def _transformers_baseline(path: str, requests: int, max_tokens: int, dtype: str, device: str) -> dict:
@@ -159,9 +189,17 @@ def main(argv: list[str], prog: str = "qwenkit bench serve") -> int:
 def _print(result: dict) -> None:
     base = result["transformers_sequential"].get("output_tok_s")
     print(f"qwenkit serve, {result['dtype']}" + (f" + {result['quantize']}" if result.get("quantize") else ""))
-    print("| clients | output tok/s | TTFT median s | TTFT p90 s | x transformers (one by one) |")
-    print("|---|---|---|---|---|")
+    print("| clients | output tok/s | TTFT median s | TTFT p90 s | server: TTFT median s | ITL mean ms | queue mean s "
+          "| x transformers (one by one) |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in result["qwenkit"]:
         ratio = f"{r['output_tok_s'] / base:.2f}x" if base else "-"
-        print(f"| {r['clients']} | {r['output_tok_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p90_s']:.2f} | {ratio} |")
+        server = [_fmt(r.get("server_ttft_median_s")), _fmt(r.get("server_itl_mean_s"), 1000, ".1f"),
+                  _fmt(r.get("server_queue_mean_s"))]
+        print(f"| {r['clients']} | {r['output_tok_s']:.1f} | {r['ttft_median_s']:.2f} | {r['ttft_p90_s']:.2f} | "
+              f"{' | '.join(server)} | {ratio} |")
     print(f"transformers {result['dtype']}, requests one by one: {result['transformers_sequential']}")
+
+
+def _fmt(value, scale: float = 1, spec: str = ".2f") -> str:
+    return "-" if value is None else format(value * scale, spec)

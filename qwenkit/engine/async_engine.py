@@ -16,6 +16,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 
 from .engine import Engine
@@ -79,7 +80,7 @@ class AsyncEngine:
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, len(prompt_ids))
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request_id, list(prompt_ids), params))
+        self._inbox.put(("add", request_id, list(prompt_ids), params, time.monotonic()))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -87,6 +88,9 @@ class AsyncEngine:
 
     def metrics(self) -> dict[str, float]:
         return {**self.engine.metrics(), "inbox": self._inbox.qsize()}
+
+    def histograms(self) -> dict[str, tuple[tuple, list[int], float]]:
+        return self.engine.histograms()
 
     # -- the engine thread --------------------------------------------------------------------
 
@@ -115,9 +119,9 @@ class AsyncEngine:
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params = command
+            _, request_id, prompt_ids, params, arrival_time = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id)
+                self.engine.add_request(prompt_ids, params, request_id, arrival_time)
             except Exception as e:
                 self._deliver(request_id, e, True)
         elif command[0] == "abort":

@@ -7,6 +7,8 @@ it; `AsyncEngine` runs it in a background thread for servers and benchmarks.
 
 from __future__ import annotations
 
+import time
+
 from ..errors import RequestError
 from .block_manager import BlockManager
 from .memory import plan_num_blocks
@@ -16,6 +18,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Scheduler
 from .sequence import Sequence
 from .settings import EngineSettings
+from .stats import EngineStats
 
 
 class Engine:
@@ -29,7 +32,7 @@ class Engine:
                                    model.eos_token_ids, self.max_model_len)
         self.runner = ModelRunner(model, num_blocks, settings.block_size)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
-        self.stats = dict(requests=0, finished=0, aborted=0, prompt_tokens=0, generation_tokens=0, steps=0)
+        self.stats = EngineStats(self.max_model_len)
 
     @property
     def num_context_tokens(self) -> int:
@@ -54,9 +57,11 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need an engine with a tokenizer")
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> str:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                    arrival_time: float | None = None) -> str:
+        """Queue a request; `arrival_time` (time.monotonic) is when a caller got it, for latency metrics."""
         self.validate(prompt_ids, params)
-        seq = Sequence(prompt_ids, params, request_id)
+        seq = Sequence(prompt_ids, params, request_id, arrival_time)
         if seq.request_id in self.requests:
             raise RequestError(f"request id {seq.request_id!r} is already in use")
         text = None
@@ -64,8 +69,7 @@ class Engine:
             text = IncrementalText(self.tokenizer.stream(params.skip_special_tokens), params.stop)
         self.requests[seq.request_id] = (seq, text)
         self.scheduler.add(seq)
-        self.stats["requests"] += 1
-        self.stats["prompt_tokens"] += len(prompt_ids)
+        self.stats.on_add(seq)
         return seq.request_id
 
     def abort(self, request_id: str) -> RequestOutput | None:
@@ -74,7 +78,6 @@ class Engine:
         if entry is None:
             return None
         self.scheduler.finish(entry[0], "abort")
-        self.stats["aborted"] += 1
         return self._finish(entry[0], RequestOutput(request_id))
 
     def has_unfinished(self) -> bool:
@@ -84,14 +87,15 @@ class Engine:
         chunks = self.scheduler.schedule()
         if not chunks:
             return []
+        self.stats.on_step([c.seq for c in chunks], time.monotonic())
         samples = self.runner.step(chunks)
         self.scheduler.postprocess(chunks, [s.token_id if s else None for s in samples])
-        self.stats["steps"] += 1
-        return [self._output(c.seq, s) for c, s in zip(chunks, samples) if s is not None]
+        now = time.monotonic()
+        return [self._output(c.seq, s, now) for c, s in zip(chunks, samples) if s is not None]
 
-    def _output(self, seq: Sequence, sample) -> RequestOutput:
+    def _output(self, seq: Sequence, sample, now: float) -> RequestOutput:
         out = RequestOutput(seq.request_id, [sample.token_id])
-        self.stats["generation_tokens"] += 1
+        self.stats.on_token(seq, now)
         if sample.logprob is not None:
             out.logprobs.append((sample.token_id, sample.logprob, sample.top_logprobs))
         text = self.requests[seq.request_id][1]
@@ -107,7 +111,7 @@ class Engine:
         if text is not None:
             out.text += text.finish()
         out.finished, out.finish_reason = True, seq.finish_reason
-        self.stats["finished"] += 1
+        self.stats.on_finish(seq, time.monotonic())
         return self._fill(seq, out)
 
     @staticmethod
@@ -119,8 +123,12 @@ class Engine:
     def metrics(self) -> dict[str, float]:
         """Counters and gauges for /metrics (plain numbers; reading them from another thread is safe)."""
         b = self.blocks
-        return {**self.stats, "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
+        return {**self.stats.values(), "waiting": len(self.scheduler.waiting), "running": len(self.scheduler.running),
                 "preemptions": self.scheduler.num_preemptions, "kv_blocks_total": b.num_blocks,
                 "kv_blocks_used": b.num_used_blocks, "kv_blocks_free": b.num_free_blocks,
                 "prefix_cache_queried_tokens": b.prefix_queried_tokens,
                 "prefix_cache_hit_tokens": b.prefix_hit_tokens}
+
+    def histograms(self) -> dict[str, tuple[tuple, list[int], float]]:
+        """Request latency and size histograms: name -> (bounds, cumulative counts, sum)."""
+        return self.stats.snapshot()

@@ -2,13 +2,15 @@
 
 Plain Python, shared by the block manager, the scheduler and the runner. `token_ids` holds the
 prompt followed by the generated tokens; the K/V of the first `num_computed_tokens` of them sit
-in the blocks of `block_table`, in order. Its base, `TokenSequence`, is the tokens and settings
-alone: what the sampler reads, and all that `qwenkit.generate` keeps for its one sequence.
+in the blocks of `block_table`, in order; its `*_time` stamps (time.monotonic) feed /metrics.
+Its base, `TokenSequence`, is the tokens and settings alone: what the sampler reads, and all
+that `qwenkit.generate` keeps for its one sequence.
 """
 
 from __future__ import annotations
 
 import itertools
+import time
 from enum import Enum
 
 from .sampling_params import SamplingParams
@@ -42,7 +44,8 @@ class TokenSequence:
 
 
 class Sequence(TokenSequence):
-    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None):
+    def __init__(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+                 arrival_time: float | None = None):
         super().__init__(prompt_ids, params)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.status = Status.WAITING
@@ -52,6 +55,10 @@ class Sequence(TokenSequence):
         self.num_hashed_blocks = 0  # leading blocks registered in the prefix cache
         self.finish_reason: str | None = None
         self.num_preemptions = 0
+        self.arrival_time = time.monotonic() if arrival_time is None else arrival_time
+        self.first_scheduled_time: float | None = None
+        self.first_token_time: float | None = None
+        self.last_token_time: float | None = None
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "

@@ -59,7 +59,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
 
     @app.get("/metrics")
     async def get_metrics():
-        return PlainTextResponse(metrics.render(engine.metrics()), media_type="text/plain; version=0.0.4")
+        text = metrics.render(engine.metrics(), engine.histograms(), model_name)
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4")
 
     @app.get("/v1/models", dependencies=[Depends(check_key)])
     async def models():
