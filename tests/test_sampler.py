@@ -37,6 +37,19 @@ def test_low_temperature_is_nearly_greedy():
     assert draw(SamplingParams(temperature=0.01), n=50).count(1) >= 49
 
 
+@pytest.mark.parametrize("tiny", [dict(temperature=1e-40), dict(temperature=9e-6), dict(top_p=1e-300),
+                                  dict(top_p=1e-45), dict(temperature=1e-40, top_p=1e-300)])
+def test_vanishing_temperature_or_top_p_is_greedy(tiny):
+    # Dividing by 1e-40 overflows the logits and 1e-300 is 0 in float32: the draw used to land on
+    # arbitrary tokens, often the least likely one. Both are the greedy choice instead.
+    logits = torch.randn(1000, generator=torch.Generator().manual_seed(3))
+    assert set(draw(SamplingParams(**tiny), n=50, logits=logits)) == {int(logits.argmax())}
+
+
+def test_top_k_beyond_the_vocabulary_is_off():
+    assert draw(SamplingParams(top_k=10**30)) == draw(SamplingParams(top_k=len(LOGITS))) == draw(SamplingParams())
+
+
 def test_penalties_and_logit_bias_change_the_argmax():
     greedy = SamplingParams(temperature=0)
     assert draw(greedy.replace(logit_bias={3: 10.0}), n=1) == [3]

@@ -53,18 +53,19 @@ class Sampler:
         """Random tokens (R,) from logits (R, V) after temperature, top-k, min-p and top-p."""
         params = [s.params for s in seqs]
         temps = torch.tensor([p.temperature for p in params])[:, None]
-        top_k = [p.top_k if p.top_k > 0 else logits.shape[-1] for p in params]
+        top_k = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params]
         # One sort of the top max(top_k) candidates serves every row's filters.
-        values, order = (logits / temps).topk(min(max(top_k), logits.shape[-1]), dim=-1)  # (R, K)
+        values, order = (logits / temps).topk(max(top_k), dim=-1)  # (R, K)
         rank = torch.arange(values.shape[-1])[None]
         values = values.masked_fill(rank >= torch.tensor(top_k)[:, None], float("-inf"))
         probs = values.softmax(-1)  # (R, K), sorted best first
         min_p = torch.tensor([p.min_p for p in params])[:, None]
         probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
         top_p = torch.tensor([p.top_p for p in params])[:, None]
-        # keep the smallest prefix whose mass reaches top_p (the best token always stays)
+        # keep the smallest prefix whose mass reaches top_p; the best token always stays, also
+        # when top_p is so small (1e-300) that it is 0 in float32 and every token would be cut
         mass_before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill(mass_before >= top_p * probs.sum(-1, keepdim=True), 0.0)
+        probs = probs.masked_fill((mass_before >= top_p * probs.sum(-1, keepdim=True)) & (rank > 0), 0.0)
         # One uniform draw per token, inverted through the row's CDF: a seeded request's tokens
         # depend on its own generator only, not on the batch's width K.
         cdf = probs.cumsum(-1)  # (R, K)

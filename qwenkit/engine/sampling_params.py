@@ -1,6 +1,8 @@
 """SamplingParams: how one request picks its tokens and when it stops (plain Python, validated).
 
-Temperature 0 is greedy. Qwen's recommended settings (from the model cards):
+Temperature 0 is greedy, and so is any temperature below GREEDY_BELOW: dividing logits by
+1e-40 overflows them, and the draw then lands on arbitrary tokens (vLLM draws the same line).
+Qwen's recommended settings (from the model cards):
 
 | model / mode                 | temperature | top_p | top_k | min_p | other                     |
 |------------------------------|-------------|-------|-------|-------|---------------------------|
@@ -21,6 +23,7 @@ from numbers import Real
 from ..errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
+GREEDY_BELOW = 1e-5
 REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -50,7 +53,7 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature == 0.0
+        return self.temperature < GREEDY_BELOW
 
     def replace(self, **changes) -> "SamplingParams":
         return replace(self, **changes)
