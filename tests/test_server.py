@@ -75,11 +75,11 @@ class ScriptedQwen(QwenForCausalLM):
 class Server:
     """uvicorn in a thread on a free loopback port, over an AsyncEngine."""
 
-    def __init__(self, model, tokenizer, settings: EngineSettings, name: str = "tiny", api_key=None):
+    def __init__(self, model, tokenizer, settings: EngineSettings, name: str = "tiny", api_key=None, **app_options):
         from qwenkit.server.app import build_app
 
         self.engine = AsyncEngine(Engine(model, settings, tokenizer)).start()
-        app = build_app(self.engine, tokenizer, name, api_key)
+        app = build_app(self.engine, tokenizer, name, api_key, **app_options)
         self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()

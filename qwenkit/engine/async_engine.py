@@ -101,12 +101,12 @@ class AsyncEngine:
                 continue
             try:
                 outputs = self.engine.step()
-            except Exception as e:  # a bug or out-of-memory: fail what is running, keep serving
+            except Exception as e:  # a bug outside the model calls (whose failures fail only their own requests)
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
             for out in outputs:
-                self._deliver(out.request_id, out, out.finished)
+                self._deliver(out.request_id, out if out.error is None else self._failed(out), out.finished)
 
     def _drain(self, block: bool) -> None:
         try:
@@ -137,6 +137,12 @@ class AsyncEngine:
             loop.call_soon_threadsafe(stream.queue.put_nowait, item)
         except RuntimeError:  # the caller's loop has closed
             self.engine.abort(request_id)
+
+    @staticmethod
+    def _failed(out: RequestOutput) -> Exception:
+        """What the stream of a request whose step failed raises (the other requests go on)."""
+        log.error("request %s failed in an engine step", out.request_id, exc_info=out.error)
+        return RuntimeError(f"engine step failed for this request: {out.error}")
 
     def _fail_all(self, error: Exception) -> None:
         for request_id in list(self.engine.requests):

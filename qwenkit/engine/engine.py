@@ -14,8 +14,9 @@ from .block_manager import BlockManager
 from .memory import plan_num_blocks
 from .output import IncrementalText, RequestOutput
 from .runner import ModelRunner
+from .sampler import Sample
 from .sampling_params import SamplingParams
-from .scheduler import Scheduler
+from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .settings import EngineSettings
 from .stats import EngineStats
@@ -43,12 +44,13 @@ class Engine:
         """Raise RequestError if the request can never be served (safe to call from any thread)."""
         if not prompt_ids:
             raise RequestError("the prompt is empty: at least one token is needed")
+        # Lengths before the scan of every id: a prompt of millions of ids is refused at once.
+        if len(prompt_ids) >= self.max_model_len:
+            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in prompt_ids):
             raise RequestError(f"prompt token ids must be integers in [0, {self.vocab_size})")
         if any(not 0 <= t < self.vocab_size for t in (*params.logit_bias, *params.stop_token_ids)):
             raise RequestError(f"logit_bias and stop_token_ids keys must be token ids in [0, {self.vocab_size})")
-        if len(prompt_ids) >= self.max_model_len:
-            raise RequestError(f"the prompt has {len(prompt_ids)} tokens; the context holds {self.max_model_len}")
         if len(prompt_ids) + params.max_tokens > self.max_model_len:
             raise RequestError(f"prompt ({len(prompt_ids)} tokens) + max_tokens ({params.max_tokens}) exceeds "
                                f"the context of {self.max_model_len} tokens")
@@ -88,10 +90,10 @@ class Engine:
         if not chunks:
             return []
         self.stats.on_step([c.seq for c in chunks], time.monotonic())
-        samples = self.runner.step(chunks)
+        samples, failures = self._run(chunks)
         self.scheduler.postprocess(chunks, [s.token_id if s else None for s in samples])
         now = time.monotonic()
-        return [self._output(c.seq, s, now) for c, s in zip(chunks, samples) if s is not None]
+        return failures + [self._output(c.seq, s, now) for c, s in zip(chunks, samples) if s is not None]
 
     def _output(self, seq: Sequence, sample, now: float) -> RequestOutput:
         out = RequestOutput(seq.request_id, [sample.token_id])
@@ -104,6 +106,33 @@ class Engine:
             if text.stopped and not seq.is_finished:
                 self.scheduler.finish(seq, "stop")
         return self._finish(seq, out) if seq.is_finished else self._fill(seq, out)
+
+    def _run(self, chunks: list[Chunk]) -> tuple[list[Sample | None], list[RequestOutput]]:
+        """The runner's samples for the chunks, and the final outputs of requests that failed.
+
+        When the batched call fails, each chunk runs alone and only a request that fails by
+        itself is failed: one bad request must not take down the batch it shares. (Rerunning a
+        chunk rewrites the same K/V; a row sampled before the failure is drawn again.)
+        """
+        try:
+            return self.runner.step(chunks), []
+        except Exception as e:
+            if len(chunks) == 1:
+                return [None], [self._fail(chunks[0].seq, e)]
+        samples, failures = [], []
+        for chunk in chunks:
+            try:
+                samples += self.runner.step([chunk])
+            except Exception as e:
+                samples.append(None)
+                failures.append(self._fail(chunk.seq, e))
+        return samples, failures
+
+    def _fail(self, seq: Sequence, error: Exception) -> RequestOutput:
+        """End a request whose step raised: aborted (counted as such, as /metrics always has), its
+        blocks back in the pool, its output carrying the error."""
+        self.scheduler.finish(seq, "abort")
+        return self._finish(seq, RequestOutput(seq.request_id, error=error))
 
     def _finish(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         text = self.requests.pop(seq.request_id)[1]

@@ -73,6 +73,8 @@ class LLM:
                 for rid in [self.engine.add_request(prompt_ids, p)]}
         while self.engine.has_unfinished():
             for out in self.engine.step():
+                if out.error is not None:
+                    raise out.error
                 _merge(done[out.request_id], out)
         return list(done.values())
 

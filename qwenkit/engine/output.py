@@ -19,6 +19,7 @@ class RequestOutput:
     logprobs: list[tuple[int, float, list[tuple[int, float]]]] = field(default_factory=list)
     finished: bool = False
     finish_reason: str | None = None  # "stop", "length" or "abort"
+    error: Exception | None = None  # why the engine aborted the request, when its step failed
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache

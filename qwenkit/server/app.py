@@ -2,6 +2,8 @@
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
 GET /metrics (Prometheus). With --api-key, /v1 routes need `Authorization: Bearer KEY`.
+Every error is an OpenAI-shaped JSON body: 4xx for anything a request body can do (a body over
+--max-request-bytes is 413), 500 only for our own failures. Prompts are tokenized off the event loop.
 Binds to 127.0.0.1 unless --host says otherwise. Chat messages are encoded with the
 injection-safe chat encoding: special-token strings inside client text stay plain text.
 """
@@ -19,6 +21,7 @@ from starlette.exceptions import HTTPException
 from ..engine.async_engine import AsyncEngine
 from ..errors import RequestError, TokenizerError
 from . import metrics, streaming
+from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Reply
 
@@ -30,23 +33,27 @@ def error_body(message: str, kind: str = "invalid_request_error", code: str | No
 
 
 class ApiError(HTTPException):
-    def __init__(self, status: int, message: str, kind: str, code: str | None = None):
-        super().__init__(status, message)
+    def __init__(self, status: int, message: str, kind: str, code: str | None = None, headers=None):
+        super().__init__(status, message, headers)
         self.body = error_body(message, kind, code)
 
 
-def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None) -> FastAPI:
+def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
     """The app for a started AsyncEngine; routes share the engine and tokenizer."""
     app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
     _install_error_handlers(app)
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     reasoning = _THINK_OPEN in (tokenizer.chat_template or "")
 
     def check_key(request: Request) -> None:
         if api_key is None:
             return
-        given = request.headers.get("authorization", "").removeprefix("Bearer ").strip()
-        if not hmac.compare_digest(given.encode(), api_key.encode()):
-            raise ApiError(401, "invalid or missing API key", "authentication_error", "invalid_api_key")
+        # RFC 7235: the scheme is required, and matched without regard to case
+        scheme, _, given = request.headers.get("authorization", "").strip().partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
+                           "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
     def check_model(name: str) -> None:
         if name != model_name:
@@ -72,8 +79,10 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     async def chat(req: ChatCompletionRequest, request: Request):
         check_model(req.model)
         tools = req.template_tools()
-        prompt_ids = tokenizer.apply_chat_template(req.template_messages(), add_generation_prompt=True,
-                                                   tokenize=True, tools=tools, **req.template_kwargs())
+        # Tokenizing a long prompt takes a while: in a thread, so the loop serves others meanwhile.
+        prompt_ids = await asyncio.to_thread(tokenizer.apply_chat_template, req.template_messages(),
+                                             add_generation_prompt=True, tokenize=True, tools=tools,
+                                             **req.template_kwargs())
         max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
         stream = engine.submit(prompt_ids, req.sampling_params(max_tokens, req.num_logprobs()))
         reply = Reply("chat", model_name, tokenizer, len(prompt_ids))
@@ -89,7 +98,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompt = req.prompt_input()
-        prompt_ids = tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
         stream = engine.submit(prompt_ids, req.sampling_params(req.max_tokens, req.logprobs))
         reply = Reply("text", model_name, tokenizer, len(prompt_ids))
         if req.stream:
@@ -127,9 +136,15 @@ def _sse(events) -> StreamingResponse:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
-        problems = "; ".join(f"{'.'.join(str(p) for p in e.get('loc', ())[1:]) or 'body'}: {e.get('msg')}"
-                             for e in exc.errors())
-        return JSONResponse(error_body(problems or "invalid request"), status_code=400)
+        fields = [_field(e) for e in exc.errors()]
+        problems = "; ".join(f"{field}: {e.get('msg')}" for field, e in zip(fields, exc.errors()))
+        return JSONResponse(error_body(problems or "invalid request", param=fields[0] if fields else None),
+                            status_code=400)
+
+    @app.exception_handler(Exception)
+    async def internal(_request, exc: Exception):
+        # Our failure, not the request's; still OpenAI-shaped JSON (the traceback goes to the log).
+        return JSONResponse(error_body(f"internal error: {exc}", "server_error"), status_code=500)
 
     @app.exception_handler(RequestError)
     @app.exception_handler(TokenizerError)
@@ -140,6 +155,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def http_error(_request, exc: HTTPException):
         body = getattr(exc, "body", None) or error_body(str(exc.detail), "invalid_request_error")
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
+
+
+def _field(error: dict) -> str:
+    """The request field a validation error is about, dotted (`messages.0.content`); "body" for the whole."""
+    if error.get("type") == "json_invalid":  # its loc holds a character offset, not a field
+        return "body"
+    return ".".join(str(p) for p in error.get("loc", ())[1:]) or "body"
 
 
 # -- command line -----------------------------------------------------------------------------
@@ -156,6 +178,8 @@ def parser(prog: str):
     p.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` (also $QWENKIT_API_KEY)")
+    p.add_argument("--max-request-bytes", default=str(DEFAULT_MAX_REQUEST_BYTES),
+                   help="largest request body accepted, e.g. 16MiB (default 4 MiB); larger ones get 413")
     p.add_argument("--block-size", type=int, default=16)
     p.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB (default: a share of free memory)")
     p.add_argument("--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides --kv-cache-memory)")
@@ -167,6 +191,38 @@ def parser(prog: str):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--log-level", default="warning")
     return p
+
+
+def checked_flags(args):
+    """(EngineSettings, body limit in bytes) from the flags, every flag checked before the model
+    loads (which can take minutes): ConfigError names the bad one."""
+    from ..engine.settings import parse_size
+    from ..errors import ConfigError
+
+    if args.tensor_parallel_size < 1 or (args.threads is not None and args.threads < 1):
+        raise ConfigError("--tensor-parallel-size and --threads must be >= 1")
+    max_request_bytes = parse_size(args.max_request_bytes)
+    if max_request_bytes < 1:
+        raise ConfigError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1 byte")
+    check_listen(args.host, args.port)
+    return engine_settings(args), max_request_bytes
+
+
+def check_listen(host: str, port: int) -> None:
+    """ConfigError unless a server could listen on host:port now (bound and released at once)."""
+    import socket
+
+    from ..errors import ConfigError
+
+    if not 0 <= port <= 65535:
+        raise ConfigError(f"--port {port}: ports are 0..65535")
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, proto) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            s.bind(address)
+    except OSError as e:
+        raise ConfigError(f"--host {host} --port {port}: cannot listen there ({e.strerror or e})") from None
 
 
 def engine_settings(args):
@@ -209,8 +265,9 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
     args = cli.parse_args(argv)
     if args.quantize and args.tensor_parallel_size > 1:
         cli.error("--quantize does not combine with --tensor-parallel-size > 1")
+    settings, max_request_bytes = checked_flags(args)
     model, tokenizer = load(args)
-    engine = Engine(model, engine_settings(args), tokenizer)
+    engine = Engine(model, settings, tokenizer)
     if args.tensor_parallel_size > 1:
         from ..engine.tensor_parallel import attach
 
@@ -222,7 +279,8 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
           f"{blocks.block_size} = {engine.num_context_tokens} tokens of context ({mib:.0f} MiB); "
           f"max {engine.max_model_len} tokens per request", flush=True)
     async_engine = AsyncEngine(engine).start()
-    app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"))
+    app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"),
+                    max_request_bytes)
     print(f"{prog}: serving on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -1,7 +1,10 @@
 """Request schemas of the OpenAI-compatible API, and their translation to SamplingParams.
 
-Fields of the wrong type are rejected by pydantic (HTTP 400); values out of range by
-SamplingParams (RequestError, HTTP 400). Unknown fields are ignored, as OpenAI's API does.
+Types are strict (HTTP 400 naming the field): `max_tokens: "10"` or `true` is not an integer,
+`Infinity` not a number, and integers must fit in int64; JSON nested deeper than MAX_DEPTH
+levels anywhere in a body is refused before it reaches the chat template. Values out of range
+are refused by SamplingParams (RequestError, HTTP 400). Unknown fields are ignored, as OpenAI's
+API does.
 Extensions in vLLM's spelling: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
 skip_special_tokens, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3).
 """
@@ -9,40 +12,62 @@ skip_special_tokens, chat_template_kwargs (e.g. {"enable_thinking": false} for Q
 from __future__ import annotations
 
 import json
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic_core import PydanticCustomError
 
 from ..engine.sampling_params import SamplingParams
 from ..errors import RequestError
 
 
-class StreamOptions(BaseModel):
+# Deep enough for real JSON schemas; shallow enough that the recursive walks downstream
+# (injection marking, Jinja, json.dumps) stay far from Python's recursion limit.
+MAX_DEPTH = 64
+Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
+PositiveInt = Annotated[int, Field(ge=1, le=2**63 - 1)]
+
+
+class Strict(BaseModel):
+    """No coercion: "10" is not an int, true not a number; NaN and infinities are refused."""
+    model_config = ConfigDict(strict=True, allow_inf_nan=False)
+
+
+class StreamOptions(Strict):
     include_usage: bool = False
 
 
-class SamplingFields(BaseModel):
+class SamplingFields(Strict):
     model_config = ConfigDict(extra="ignore")
 
     model: str
-    max_tokens: int | None = Field(default=None, ge=1)
+    max_tokens: PositiveInt | None = None
     temperature: float | None = None
     top_p: float | None = None
-    top_k: int | None = None
+    top_k: Int64 | None = None
     min_p: float | None = None
     presence_penalty: float = 0.0
     frequency_penalty: float = 0.0
     repetition_penalty: float = 1.0
     logit_bias: dict[str, float] | None = None
-    seed: int | None = None
+    seed: Int64 | None = None
     stop: str | list[str] | None = None
-    stop_token_ids: list[int] | None = None
+    stop_token_ids: list[Int64] | None = None
     ignore_eos: bool = False
     skip_special_tokens: bool = True
-    n: int = 1
+    n: Int64 = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _not_too_deep(cls, data):
+        path = too_deep(data)
+        if path is not None:
+            raise PydanticCustomError("too_deep", "{path} is nested deeper than {limit} levels",
+                                      {"path": path, "limit": MAX_DEPTH})
+        return data
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
         if self.n != 1:
@@ -64,39 +89,58 @@ class SamplingFields(BaseModel):
         return bool(self.stream_options and self.stream_options.include_usage)
 
 
-class FunctionSpec(BaseModel):
+class FunctionSpec(Strict):
     model_config = ConfigDict(extra="allow")
     name: str
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
 
 
-class Tool(BaseModel):
+class Tool(Strict):
     model_config = ConfigDict(extra="allow")
     type: Literal["function"] = "function"
     function: FunctionSpec
 
 
-class NamedToolChoice(BaseModel):
+class NamedToolChoice(Strict):
     type: Literal["function"] = "function"
     function: FunctionSpec
 
 
-class ChatMessage(BaseModel):
+class FunctionCall(Strict):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    arguments: str | dict[str, Any] = "{}"  # OpenAI sends a JSON string; some clients an object
+
+
+class ToolCall(Strict):
+    model_config = ConfigDict(extra="allow")
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class ChatMessage(Strict):
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+    tool_calls: list[ToolCall] | None = None
+    tool_call_id: str | None = None
+    reasoning_content: str | None = None
 
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: PositiveInt | None = None
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: Int64 | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
     def template_messages(self) -> list[dict]:
-        return [_template_message(m) for m in self.messages]
+        return [_template_message(m, i) for i, m in enumerate(self.messages)]
 
     def template_tools(self) -> list[dict] | None:
         if not self.tools or self.tool_choice == "none":
@@ -124,9 +168,9 @@ class ChatCompletionRequest(SamplingFields):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[int] | list[str]
-    max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = None
+    prompt: str | list[Int64] | list[str]
+    max_tokens: PositiveInt | None = 16
+    logprobs: Int64 | None = None
     echo: bool = False
 
     def prompt_input(self) -> str | list[int]:
@@ -140,20 +184,42 @@ class CompletionRequest(SamplingFields):
         return p
 
 
-def _template_message(m: ChatMessage) -> dict:
+def _template_message(m: ChatMessage, index: int) -> dict:
     """A message as chat templates read it: text parts joined, tool-call arguments as objects."""
     d = m.model_dump(exclude_none=True)
     if m.role == "developer":
         d["role"] = "system"
     if isinstance(m.content, list):
         if any(part.get("type") != "text" or not isinstance(part.get("text"), str) for part in m.content):
-            raise RequestError("only text content parts are supported")
+            raise RequestError(f"messages.{index}.content: only text parts are supported")
         d["content"] = "".join(part["text"] for part in m.content)
-    for call in d.get("tool_calls") or []:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict) and isinstance(fn.get("arguments"), str):
-            try:
-                fn["arguments"] = json.loads(fn["arguments"])
-            except ValueError:
-                pass  # kept as the string the client sent
+    for k, call in enumerate(d.get("tool_calls") or []):
+        fn = call["function"]
+        if isinstance(fn["arguments"], str):
+            fn["arguments"] = _json_or_text(fn["arguments"], f"messages.{index}.tool_calls.{k}.function.arguments")
     return d
+
+
+def _json_or_text(text: str, field: str):
+    """The JSON value a string holds (the string itself if it holds none), never a deep one."""
+    try:
+        value = json.loads(text)
+    except (ValueError, RecursionError):
+        return text  # kept as the string the client sent
+    path = too_deep(value, (field,))
+    if path is not None:
+        raise RequestError(f"{path} is nested deeper than {MAX_DEPTH} levels")
+    return value
+
+
+def too_deep(value, prefix: tuple = ()) -> str | None:
+    """The path of the first value nested deeper than MAX_DEPTH containers, or None.
+    Iterative, so that deep input cannot exhaust the stack of the check itself."""
+    stack = [(value, prefix)]
+    while stack:
+        value, path = stack.pop()
+        if len(path) - len(prefix) > MAX_DEPTH:
+            return ".".join(map(str, path[:len(prefix) + 6])) + "..."
+        items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+        stack.extend((v, (*path, k)) for k, v in items if isinstance(v, (dict, list)))
+    return None

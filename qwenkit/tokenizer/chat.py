@@ -74,7 +74,7 @@ def render(template: str, messages: list[dict], tools: list[dict] | None = None,
     try:
         return compiled.render(messages=prepare_messages(messages), tools=tools,
                                add_generation_prompt=add_generation_prompt, **kwargs)
-    except jinja2.TemplateError as e:
+    except (jinja2.TemplateError, TypeError, ValueError) as e:  # also data the template cannot take (tojson)
         raise TokenizerError(f"chat template failed: {e}") from e
 
 

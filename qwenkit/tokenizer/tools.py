@@ -20,7 +20,7 @@ def call_from_json(body: str, index: int, id_prefix: str = "call_") -> tuple[dic
     """(OpenAI tool call, None) for a well-formed block body, else (None, why not)."""
     try:
         obj = json.loads(body)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # a model can write JSON nested past the parser's limit
         return None, f"invalid JSON: {e}"
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         return None, 'expected an object with a string "name"'
