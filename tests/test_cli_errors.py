@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import struct
 import subprocess
 import sys
@@ -160,3 +161,32 @@ def test_unknown_model_id():
 def test_unknown_device(good):
     proc = run_cli("generate", "--model", str(good), "--prompt", "hi", "--device", "gpu")
     assert_one_line_error(proc, "'gpu'")
+
+
+# Flags are checked before the model loads: with a model id that does not exist, the error still
+# names the flag, so it came first.
+
+@pytest.mark.parametrize("flag,value", [("--max-new-tokens", "-5"), ("--temperature", "nan"), ("--top-p", "0"),
+                                        ("--top-k", "-3"), ("--temperature", "-1")])
+def test_bad_sampling_flags_fail_before_the_model_loads(flag, value):
+    for command in ("generate", "chat"):
+        proc = run_cli(command, "--model", "no-such-model-xyz", "--prompt" if command == "generate" else "--message",
+                       "hi", flag, value)
+        assert_one_line_error(proc, f"{flag} {value}")
+
+
+@pytest.mark.parametrize("flags,needle", [(["--port", "99999"], "--port 99999"), (["--port", "-1"], "--port -1"),
+                                          (["--max-request-bytes", "lots"], "lots"),
+                                          (["--host", "192.0.2.1"], "--host 192.0.2.1"),
+                                          (["--threads", "0"], "--threads")])
+def test_bad_serve_flags_fail_before_the_model_loads(flags, needle):
+    assert_one_line_error(run_cli("serve", "--model", "no-such-model-xyz", *flags), needle)
+
+
+def test_serve_on_a_port_in_use_fails_before_the_model_loads():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        proc = run_cli("serve", "--model", "no-such-model-xyz", "--port", str(port))
+    assert_one_line_error(proc, f"--port {port}", "in use")

@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .common import add_model_args, add_sampling_args, load, stream_reply
+from .common import add_model_args, add_sampling_args, check_sampling_args, load, stream_reply
 
 
 def main(argv: list[str], prog: str = "qwenkit chat") -> int:
@@ -19,6 +19,7 @@ def main(argv: list[str], prog: str = "qwenkit chat") -> int:
     parser.add_argument("--system", help="system prompt (default: the template's own)")
     parser.add_argument("--think", choices=["on", "off"], help="Qwen3 thinking mode (default: template's)")
     args = parser.parse_args(argv)
+    check_sampling_args(args)
     model, tok = load(args)
     history = [{"role": "system", "content": args.system}] if args.system else []
     thinking = None if args.think is None else args.think == "on"

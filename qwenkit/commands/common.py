@@ -47,6 +47,25 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     parser.add_argument("--seed", type=int, default=None)
 
 
+SAMPLING_FLAGS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
+                  "top_p": "top_p", "seed": "seed"}  # flag dest -> SamplingParams field
+
+
+def check_sampling_args(args) -> None:
+    """RequestError naming the flag for a sampling value SamplingParams refuses (--top-p 0,
+    --temperature nan), raised before the model loads rather than after."""
+    from ..engine.sampling_params import SamplingParams
+    from ..errors import RequestError
+
+    for dest, name in SAMPLING_FLAGS.items():
+        value = getattr(args, dest)
+        try:
+            if value is not None:
+                SamplingParams(**{name: value})
+        except RequestError as e:
+            raise RequestError(f"--{dest.replace('_', '-')} {value}: {e}") from None
+
+
 def load(args, adapter=None):
     """(model, tokenizer) for parsed args, with a progress bar on the terminal; `adapter`: a LoRA
     adapter directory merged into the weights (before --quantize)."""

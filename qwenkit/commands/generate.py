@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_model_args, add_sampling_args, load, stream_reply
+from .common import add_model_args, add_sampling_args, check_sampling_args, load, stream_reply
 
 
 def main(argv: list[str], prog: str = "qwenkit generate") -> int:
@@ -13,6 +13,7 @@ def main(argv: list[str], prog: str = "qwenkit generate") -> int:
     add_sampling_args(parser)
     parser.add_argument("--prompt", "-p", required=True, help="text to continue")
     args = parser.parse_args(argv)
+    check_sampling_args(args)
     model, tok = load(args)
     print(args.prompt, end="", flush=True)
     stream_reply(model, tok, tok.encode(args.prompt), args)
