@@ -1,7 +1,10 @@
 """Dtype and device names -> torch objects: the one resolver for every command and the Python API.
 
 Names: "auto" (see `auto_dtype`), bf16/bfloat16, fp32/float32, fp16/float16. Device "auto" is
-cuda when a CUDA device is available, else cpu.
+cuda when a CUDA device is available, else cpu. `load_model` resolves "auto" itself, with the
+checkpoint in hand (`backends.auto_plan`: weights kept quantized or in bf16 under fp32
+arithmetic on a CPU); `auto_dtype` is the plain form, for what has no checkpoint to decide by
+(training, tensor-parallel shards, a peer's dtype in the bench).
 """
 
 from __future__ import annotations
@@ -20,10 +23,11 @@ def auto_dtype(device="cpu") -> torch.dtype:
     Without native support torch's CPU bf16 matmul falls back to a generic kernel that is about
     100x slower than fp32 (measured: 0.85 vs 78 GFLOP/s on an AVX2-only EPYC).
     """
+    from .backends.host import native_bf16
+
     if torch.device(device).type != "cpu":
         return torch.bfloat16
-    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
-    return torch.bfloat16 if native else torch.float32
+    return torch.bfloat16 if native_bf16() else torch.float32
 
 
 def resolve_dtype(dtype: str | torch.dtype, device="cpu") -> torch.dtype:
