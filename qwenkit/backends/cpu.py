@@ -1,6 +1,7 @@
 """The CPU-kernel backend: the model's modules swapped for forms that call qwenkit's C kernels.
 
-Installed on an fp32 model on a CPU with the kernels built (`backends.choose`). Each swapped
+Installed on an fp32 model on a CPU with the kernels built (`backends.choose`); a bf16 model
+gets only the attention op (`attention_form`). Each swapped
 module keeps its parameters (same names, same tensors); only `forward` changes. The kernels take
 fp32 inference only, so each forward steps back to the plain module's math under autograd (a
 loaded model being fine-tuned) or for inputs the kernel does not take.
