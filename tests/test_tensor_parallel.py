@@ -54,7 +54,8 @@ def rank_main(rank: int, world: int, init_method: str, out_path: str) -> None:
     if rank == 0:
         with open(out_path, "w") as f:
             json.dump(results, f)
-    dist.destroy_process_group()
+    tp.shutdown()
+    assert not dist.is_initialized()
 
 
 def test_two_process_greedy_matches_one_process(tmp_path):

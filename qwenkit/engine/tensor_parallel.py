@@ -136,12 +136,35 @@ def attach(engine) -> None:
                 for c in group] for group in groups])
 
     engine.runner.broadcast = broadcast
-    atexit.register(release_workers)
+    global _attached
+    if _attached is None:
+        atexit.register(_at_exit)
+    _attached = True
+
+
+_attached: bool | None = None  # None: no engine attached yet in this process
 
 
 def release_workers() -> None:
-    if dist.is_initialized() and dist.get_rank() == 0:
+    """On rank 0: end the workers' `worker_loop` (once per `attach`)."""
+    global _attached
+    if _attached and dist.is_initialized() and dist.get_rank() == 0:
         _send(None)
+    _attached = False
+
+
+def shutdown() -> None:
+    """Every rank, once its work is done: meet the others, then tear the process group down.
+    Destroying a gloo group while a peer still has an operation in flight aborts the process
+    ("terminate called without an active exception"); the barrier makes sure none has."""
+    if dist.is_initialized():
+        dist.barrier(group=_control)
+        dist.destroy_process_group()
+
+
+def _at_exit() -> None:
+    release_workers()
+    shutdown()
 
 
 def worker_loop(model) -> None:
@@ -165,6 +188,7 @@ def load_sharded_model(source, dtype, device: str, world: int):
         model = _load_shard(source, dtype, device, rank, world, None)
         if rank:
             worker_loop(model)
+            shutdown()
             raise SystemExit(0)
         return model
     import torch.multiprocessing as mp
@@ -187,6 +211,7 @@ def _load_shard(source, dtype, device: str, rank: int, world: int, init_method):
 def _worker(source, dtype: torch.dtype, device: str, rank: int, world: int, init_method: str) -> None:
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     worker_loop(_load_shard(source, dtype, device, rank, world, init_method))
+    shutdown()
 
 
 def _free_port() -> int:
