@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException
 
 from ..engine.async_engine import AsyncEngine
 from ..errors import RequestError, TokenizerError
+from ..tokenizer.output import tool_format
 from . import metrics, streaming
 from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .protocol import ChatCompletionRequest, CompletionRequest
@@ -45,6 +46,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     reasoning = _THINK_OPEN in (tokenizer.chat_template or "")
+    tool_calls = tool_format(tokenizer.chat_template)  # the form the template teaches: JSON or XML
 
     def check_key(request: Request) -> None:
         if api_key is None:
@@ -88,7 +90,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         reply = Reply("chat", model_name, tokenizer, len(prompt_ids))
         parser = {}
         if reasoning or tools:
-            parser = dict(reasoning=reasoning, tools=bool(tools), id_prefix=f"call_{reply.id[-12:]}_",
+            parser = dict(reasoning=reasoning, tools=tools or False, tool_format=tool_calls,
+                          id_prefix=f"call_{reply.id[-12:]}_",
                           started_in_reasoning=reasoning and _opens_thinking(tokenizer, prompt_ids))
         if req.stream:
             return _sse(streaming.chat_events(stream, reply, parser, req.include_usage))

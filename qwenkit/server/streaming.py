@@ -1,8 +1,9 @@
 """Turning a request's engine outputs into an HTTP answer: one JSON body, or server-sent events.
 
 Chat replies go through the tokenizer's output parser, so reasoning (`<think>`) becomes
-`reasoning_content` and `<tool_call>` blocks become `tool_calls` — in a whole reply and in a
-stream alike (a streamed call is sent as one delta once its block is complete). Whatever way
+`reasoning_content` and tool calls (in the template's format, JSON or XML) become `tool_calls` —
+in a whole reply and in a stream alike (a JSON call is sent as one delta once its block is
+complete; an XML call's id and name as soon as its header is, then its arguments piece by piece). Whatever way
 the stream ends (finished, client gone, error), the request is aborted if still running, so
 its KV blocks go back to the pool.
 """
@@ -92,8 +93,8 @@ def _chat_delta(delta: OutputDelta, reply: Reply) -> dict:
     if delta.content:
         payload["content"] = delta.content
     if delta.tool_calls:
-        payload["tool_calls"] = [{"index": reply.num_tool_calls + k, **call} for k, call in enumerate(delta.tool_calls)]
-        reply.num_tool_calls += len(delta.tool_calls)
+        payload["tool_calls"] = delta.tool_calls  # each with its call's index
+        reply.num_tool_calls = max(reply.num_tool_calls, *(d["index"] + 1 for d in delta.tool_calls))
     return payload
 
 

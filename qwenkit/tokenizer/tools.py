@@ -3,6 +3,8 @@ become OpenAI-style `tool_calls`.
 
 `parse_tool_calls` is the rule, `ToolCallStream` the same rule on text arriving in chunks (it
 emits a call once its block is complete, so a number cut across chunks is never half-parsed).
+Streams of every tool-call format (this one, tool_xml's) return OpenAI stream deltas, each
+with its call's `index`; `merge_tool_deltas` joins them into whole calls.
 A block whose JSON is malformed stays in the content verbatim and adds an error record.
 Whitespace next to a well-formed block is dropped (it only separated the blocks).
 """
@@ -57,8 +59,21 @@ def parse_tool_calls(text: str, id_prefix: str = "call_") -> tuple[str, list[dic
     return "".join(content), calls, errors
 
 
+def merge_tool_deltas(deltas: list[dict]) -> list[dict]:
+    """Whole calls from stream deltas: the first delta of an index opens its call (id, name),
+    later ones append to its arguments."""
+    calls: dict[int, dict] = {}
+    for d in deltas:
+        fn = d.get("function", {})
+        if d["index"] not in calls:
+            calls[d["index"]] = {"id": d.get("id"), "type": "function",
+                                 "function": {"name": fn.get("name"), "arguments": ""}}
+        calls[d["index"]]["function"]["arguments"] += fn.get("arguments", "")
+    return [calls[i] for i in sorted(calls)]
+
+
 class ToolCallStream:
-    """Feed content chunks; each call returns (content delta, new tool calls, new errors)."""
+    """Feed content chunks; each call returns (content delta, tool-call deltas, new errors)."""
 
     def __init__(self, id_prefix: str = "call_"):
         self._id_prefix = id_prefix
@@ -116,8 +131,8 @@ class ToolCallStream:
         call, error = call_from_json(body, self._n_calls, self._id_prefix)
         held, self._held_space = self._held_space, ""
         if call:
+            calls.append({"index": self._n_calls, **call})
             self._n_calls += 1
-            calls.append(call)
             self._skip_space = True
             return ""
         errors.append({"text": CALL_OPEN + body + close, "error": error})
