@@ -74,13 +74,15 @@ class AsyncEngine:
         self._inbox.put(("wake",))
         self._thread.join(timeout=30)
 
-    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None) -> RequestStream:
-        """Queue a request (call from the event loop); raises RequestError at once if it is invalid."""
+    def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
+               after: str | None = None) -> RequestStream:
+        """Queue a request (call from the event loop); raises RequestError at once if it is invalid.
+        `after`: the id of a request with the same prompt, whose prompt K/V this one shares."""
         self.engine.validate(prompt_ids, params)
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, len(prompt_ids))
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request_id, list(prompt_ids), params, time.monotonic()))
+        self._inbox.put(("add", request_id, list(prompt_ids), params, time.monotonic(), after))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -119,9 +121,9 @@ class AsyncEngine:
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, arrival_time = command
+            _, request_id, prompt_ids, params, arrival_time, after = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id, arrival_time)
+                self.engine.add_request(prompt_ids, params, request_id, arrival_time, after)
             except Exception as e:
                 self._deliver(request_id, e, True)
         elif command[0] == "abort":

@@ -3,6 +3,11 @@
 `Engine.step()` asks the scheduler for chunks, runs them through the model runner, records the
 sampled tokens and returns each request's news as a `RequestOutput`. The offline `LLM` loops over
 it; `AsyncEngine` runs it in a background thread for servers and benchmarks.
+
+Several samples of one prompt (a request's `n` choices) share the prompt's K/V: a request added
+`after=` another with the same prompt waits until that one's prompt is computed, then is
+admitted and finds the prompt's full blocks in the prefix cache (reference-counted, stored
+once); only the last, partial block and its own tokens are its alone.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ class Engine:
                                    model.eos_token_ids, self.max_model_len)
         self.runner = ModelRunner(model, num_blocks, settings.block_size)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
+        self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
 
     @property
@@ -60,8 +66,10 @@ class Engine:
             raise RequestError("stop strings need an engine with a tokenizer")
 
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None) -> str:
-        """Queue a request; `arrival_time` (time.monotonic) is when a caller got it, for latency metrics."""
+                    arrival_time: float | None = None, after: str | None = None) -> str:
+        """Queue a request; `arrival_time` (time.monotonic) is when a caller got it, for latency metrics.
+        `after`: a running request with the same prompt, whose prompt K/V this one shares (it is
+        scheduled once that prompt is computed; at once if the prefix cache is off)."""
         self.validate(prompt_ids, params)
         seq = Sequence(prompt_ids, params, request_id, arrival_time)
         if seq.request_id in self.requests:
@@ -69,10 +77,23 @@ class Engine:
         text = None
         if self.tokenizer is not None:
             text = IncrementalText(self.tokenizer.stream(params.skip_special_tokens), params.stop)
+        leader = self.requests.get(after, (None,))[0] if after is not None else None
+        if leader is not None and leader.token_ids[:leader.num_prompt_tokens] != seq.token_ids:
+            raise RequestError(f"request {after!r} has another prompt: only samples of one prompt share it")
         self.requests[seq.request_id] = (seq, text)
-        self.scheduler.add(seq)
         self.stats.on_add(seq)
+        if leader is not None and self.blocks.enable_prefix_caching and not _prompt_computed(leader):
+            self.followers.setdefault(leader.request_id, []).append(seq)
+        else:
+            self.scheduler.add(seq)
         return seq.request_id
+
+    def _release_followers(self, leader: Sequence) -> None:
+        """Schedule the requests that waited for leader's prompt, once it is computed (or leader ended)."""
+        if leader.request_id in self.followers and (leader.is_finished or _prompt_computed(leader)):
+            for seq in self.followers.pop(leader.request_id):
+                if not seq.is_finished:
+                    self.scheduler.add(seq)
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Stop a request and free its blocks; its final output, or None if it is unknown or done."""
@@ -92,6 +113,8 @@ class Engine:
         self.stats.on_step([c.seq for c in chunks], time.monotonic())
         samples, failures = self._run(chunks)
         self.scheduler.postprocess(chunks, [s.token_id if s else None for s in samples])
+        for chunk in chunks:
+            self._release_followers(chunk.seq)
         now = time.monotonic()
         return failures + [self._output(c.seq, s, now) for c, s in zip(chunks, samples) if s is not None]
 
@@ -136,6 +159,7 @@ class Engine:
 
     def _finish(self, seq: Sequence, out: RequestOutput) -> RequestOutput:
         text = self.requests.pop(seq.request_id)[1]
+        self._release_followers(seq)
         self.runner.sampler.release(seq)
         if text is not None:
             out.text += text.finish()
@@ -161,3 +185,7 @@ class Engine:
     def histograms(self) -> dict[str, tuple[tuple, list[int], float]]:
         """Request latency and size histograms: name -> (bounds, cumulative counts, sum)."""
         return self.stats.snapshot()
+
+
+def _prompt_computed(seq: Sequence) -> bool:
+    return seq.num_computed_tokens >= seq.num_prompt_tokens

@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from ..engine.async_engine import AsyncEngine
 from ..errors import RequestError, TokenizerError
 from ..tokenizer.output import tool_format
-from . import metrics, streaming
+from . import choices, metrics, streaming
 from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Reply
@@ -86,38 +86,43 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                                              add_generation_prompt=True, tokenize=True, tools=tools,
                                              **req.template_kwargs())
         max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
-        stream = engine.submit(prompt_ids, req.sampling_params(max_tokens, req.num_logprobs()))
+        params = req.sampling_params(max_tokens, req.num_logprobs())
+        streams = choices.submit(engine, prompt_ids, params, req.num_choices())
         reply = Reply("chat", model_name, tokenizer, len(prompt_ids))
+        replies = [reply.for_choice(k) for k in range(len(streams))]
         parser = {}
         if reasoning or tools:
             parser = dict(reasoning=reasoning, tools=tools or False, tool_format=tool_calls,
                           id_prefix=f"call_{reply.id[-12:]}_",
                           started_in_reasoning=reasoning and _opens_thinking(tokenizer, prompt_ids))
         if req.stream:
-            return _sse(streaming.chat_events(stream, reply, parser, req.include_usage))
-        return await _unless_disconnected(request, stream, streaming.chat_body(stream, reply, parser))
+            return _sse(streaming.chat_events(streams, replies, parser, req.include_usage))
+        return await _unless_disconnected(request, streams, streaming.chat_body(streams, replies, parser))
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest, request: Request):
         check_model(req.model)
         prompt = req.prompt_input()
         prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
-        stream = engine.submit(prompt_ids, req.sampling_params(req.max_tokens, req.logprobs))
+        params = req.sampling_params(req.max_tokens, req.logprobs)
+        streams = choices.submit(engine, prompt_ids, params, req.num_choices())
         reply = Reply("text", model_name, tokenizer, len(prompt_ids))
+        replies = [reply.for_choice(k) for k in range(len(streams))]
         if req.stream:
-            return _sse(streaming.text_events(stream, reply, req.include_usage))
-        return await _unless_disconnected(request, stream, streaming.text_body(stream, reply))
+            return _sse(streaming.text_events(streams, replies, req.include_usage))
+        return await _unless_disconnected(request, streams, streaming.text_body(streams, replies))
 
     return app
 
 
-async def _unless_disconnected(request: Request, stream, body):
-    """The body, unless the client leaves first: then the request is aborted (its blocks freed)."""
+async def _unless_disconnected(request: Request, streams, body):
+    """The body, unless the client leaves first: then its requests are aborted (their blocks freed)."""
     task = asyncio.ensure_future(body)
     while not (await asyncio.wait({task}, timeout=0.25))[0]:
         if await request.is_disconnected():
             task.cancel()
-            stream.abort()
+            for stream in streams:
+                stream.abort()
             return Response(status_code=499)
     return task.result()
 

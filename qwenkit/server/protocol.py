@@ -24,6 +24,7 @@ from ..errors import RequestError
 # Deep enough for real JSON schemas; shallow enough that the recursive walks downstream
 # (injection marking, Jinja, json.dumps) stay far from Python's recursion limit.
 MAX_DEPTH = 64
+MAX_CHOICES = 64  # n: each choice is one sequence in the engine
 Int64 = Annotated[int, Field(ge=-2**63, le=2**63 - 1)]
 PositiveInt = Annotated[int, Field(ge=1, le=2**63 - 1)]
 
@@ -56,6 +57,7 @@ class SamplingFields(Strict):
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     n: Int64 = 1
+    best_of: Int64 | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -70,8 +72,6 @@ class SamplingFields(Strict):
         return data
 
     def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
-        if self.n != 1:
-            raise RequestError("n must be 1 (send several requests for several completions)")
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
@@ -83,6 +83,14 @@ class SamplingFields(Strict):
             repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens)
+
+    def num_choices(self) -> int:
+        """n, checked; best_of is refused as vLLM refuses it (n samples are returned, none ranked away)."""
+        if self.best_of is not None and self.best_of != 1:
+            raise RequestError("best_of is not supported: n returns n samples (rank them by their logprobs)")
+        if not 1 <= self.n <= MAX_CHOICES:
+            raise RequestError(f"n must be in [1, {MAX_CHOICES}]")
+        return self.n
 
     @property
     def include_usage(self) -> bool:

@@ -1,7 +1,8 @@
 """OpenAI response bodies (chat completions, text completions), whole and as stream chunks.
 
-A `Reply` holds what one request needs to shape its answer: ids, model name, the tokenizer
-(token strings for logprobs) and the output parser (reasoning and tool calls, chat only).
+A `Reply` holds what one choice of a request needs to shape its answer: ids, model name, the
+tokenizer (token strings for logprobs), its index and counts; `for_choice(k)` makes the others
+(same id), `total_usage` counts the prompt once and the tokens of every choice.
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ class Reply:
     num_cached_tokens: int = 0
     finish_reason: str | None = None
     num_tool_calls: int = 0
+    index: int = 0  # of the choice, when a request asks for n of them
 
     def __post_init__(self):
         self.id = self.id or ("chatcmpl-" if self.kind == "chat" else "cmpl-") + uuid.uuid4().hex
+
+    def for_choice(self, index: int) -> "Reply":
+        return Reply(self.kind, self.model, self.tokenizer, self.num_prompt_tokens, self.id, self.created,
+                     index=index)
 
     def record(self, out: RequestOutput) -> None:
         self.num_output_tokens, self.num_cached_tokens = out.num_output_tokens, out.num_cached_tokens
@@ -42,11 +48,10 @@ class Reply:
                 "total_tokens": self.num_prompt_tokens + self.num_output_tokens,
                 "prompt_tokens_details": {"cached_tokens": self.num_cached_tokens}}
 
-    def body(self, choices: list[dict], usage: bool = True) -> dict:
+    def body(self, choices: list[dict], usage: dict | None = None) -> dict:
         obj = {"chat": "chat.completion", "text": "text_completion"}[self.kind]
         out = {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-        if usage:
-            out["usage"] = self.usage()
+        out["usage"] = usage or self.usage()
         return out
 
     def chunk(self, choice: dict | None) -> dict:
@@ -79,3 +84,11 @@ class Reply:
         return {"tokens": tokens, "token_logprobs": [lp for _, lp, _ in entries],
                 "top_logprobs": [{self.token_text(i): p for i, p in top or []} for _, _, top in entries],
                 "text_offset": offsets}
+
+
+def total_usage(replies: list[Reply]) -> dict:
+    """Usage of a request's choices: the prompt once, every choice's tokens (cached: choice 0's)."""
+    usage = replies[0].usage()
+    completion = sum(r.num_output_tokens for r in replies)
+    usage.update(completion_tokens=completion, total_tokens=usage["prompt_tokens"] + completion)
+    return usage

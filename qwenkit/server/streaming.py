@@ -1,21 +1,26 @@
 """Turning a request's engine outputs into an HTTP answer: one JSON body, or server-sent events.
 
+A request with `n` choices has one engine stream and one `Reply` per choice; the body lists the
+choices by index and its usage counts the prompt once and every choice's tokens. Events of the
+choices are sent as they come, each chunk naming its choice's index.
 Chat replies go through the tokenizer's output parser, so reasoning (`<think>`) becomes
 `reasoning_content` and tool calls (in the template's format, JSON or XML) become `tool_calls` —
 in a whole reply and in a stream alike (a JSON call is sent as one delta once its block is
-complete; an XML call's id and name as soon as its header is, then its arguments piece by piece). Whatever way
-the stream ends (finished, client gone, error), the request is aborted if still running, so
-its KV blocks go back to the pool.
+complete; an XML call's id and name as soon as its header is, then its arguments piece by piece).
+Whatever way the stream ends (finished, client gone, error), the request is aborted if still
+running, so its KV blocks go back to the pool.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 from typing import AsyncIterator
 
 from ..engine.async_engine import RequestStream
 from ..tokenizer.output import OutputDelta, OutputStream, parse_output
-from .responses import Reply
+from .choices import merged
+from .responses import Reply, total_usage
 
 
 def sse(data) -> str:
@@ -35,27 +40,44 @@ async def collect(stream: RequestStream, reply: Reply) -> tuple[str, list]:
     return "".join(text), logprobs
 
 
-async def chat_body(stream: RequestStream, reply: Reply, parser: dict) -> dict:
+async def chat_body(streams: list[RequestStream], replies: list[Reply], parser: dict) -> dict:
+    choices = await asyncio.gather(*(_chat_choice(s, r, parser) for s, r in zip(streams, replies)))
+    return replies[0].body(list(choices), total_usage(replies))
+
+
+async def _chat_choice(stream: RequestStream, reply: Reply, parser: dict) -> dict:
     text, logprobs = await collect(stream, reply)
     parsed = parse_output(text, **parser) if parser else None
     message = parsed.to_message() if parsed else {"role": "assistant", "content": text}
     message.setdefault("content", None)
     reply.num_tool_calls = len(message.get("tool_calls", []))
-    choice = {"index": 0, "message": message, "logprobs": reply.chat_logprobs(logprobs),
-              "finish_reason": reply.final_reason()}
-    return reply.body([choice])
+    return {"index": reply.index, "message": message, "logprobs": reply.chat_logprobs(logprobs),
+            "finish_reason": reply.final_reason()}
 
 
-async def text_body(stream: RequestStream, reply: Reply) -> dict:
+async def text_body(streams: list[RequestStream], replies: list[Reply]) -> dict:
+    choices = await asyncio.gather(*(_text_choice(s, r) for s, r in zip(streams, replies)))
+    return replies[0].body(list(choices), total_usage(replies))
+
+
+async def _text_choice(stream: RequestStream, reply: Reply) -> dict:
     text, logprobs = await collect(stream, reply)
-    choice = {"index": 0, "text": text, "logprobs": reply.text_logprobs(logprobs),
-              "finish_reason": reply.final_reason()}
-    return reply.body([choice])
+    return {"index": reply.index, "text": text, "logprobs": reply.text_logprobs(logprobs),
+            "finish_reason": reply.final_reason()}
 
 
-async def chat_events(stream: RequestStream, reply: Reply, parser: dict, include_usage: bool) -> AsyncIterator[str]:
+async def chat_events(streams: list[RequestStream], replies: list[Reply], parser: dict,
+                      include_usage: bool) -> AsyncIterator[str]:
+    async for event in merged([_chat_choice_events(s, r, parser) for s, r in zip(streams, replies)]):
+        yield event
+    if include_usage:
+        yield sse({**replies[0].chunk(None), "usage": total_usage(replies)})
+    yield sse("[DONE]")
+
+
+async def _chat_choice_events(stream: RequestStream, reply: Reply, parser: dict) -> AsyncIterator[str]:
     parse = OutputStream(**parser) if parser else None
-    yield sse(reply.chunk({"index": 0, "delta": {"role": "assistant", "content": ""},
+    yield sse(reply.chunk({"index": reply.index, "delta": {"role": "assistant", "content": ""},
                            "logprobs": None, "finish_reason": None}))
     try:
         async for out in stream:
@@ -63,16 +85,13 @@ async def chat_events(stream: RequestStream, reply: Reply, parser: dict, include
             delta = _parse(parse, out.text, out.finished)
             payload = _chat_delta(delta, reply)
             if payload or out.logprobs:
-                yield sse(reply.chunk({"index": 0, "delta": payload, "logprobs": reply.chat_logprobs(out.logprobs),
-                                       "finish_reason": None}))
+                yield sse(reply.chunk({"index": reply.index, "delta": payload,
+                                       "logprobs": reply.chat_logprobs(out.logprobs), "finish_reason": None}))
     except Exception as e:
         yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     finally:
         stream.abort()
-    yield sse(reply.chunk({"index": 0, "delta": {}, "logprobs": None, "finish_reason": reply.final_reason()}))
-    if include_usage:
-        yield sse({**reply.chunk(None), "usage": reply.usage()})
-    yield sse("[DONE]")
+    yield sse(reply.chunk({"index": reply.index, "delta": {}, "logprobs": None, "finish_reason": reply.final_reason()}))
 
 
 def _parse(parse: OutputStream | None, text: str, finished: bool) -> OutputDelta:
@@ -98,13 +117,21 @@ def _chat_delta(delta: OutputDelta, reply: Reply) -> dict:
     return payload
 
 
-async def text_events(stream: RequestStream, reply: Reply, include_usage: bool) -> AsyncIterator[str]:
+async def text_events(streams: list[RequestStream], replies: list[Reply], include_usage: bool) -> AsyncIterator[str]:
+    async for event in merged([_text_choice_events(s, r) for s, r in zip(streams, replies)]):
+        yield event
+    if include_usage:
+        yield sse({**replies[0].chunk(None), "usage": total_usage(replies)})
+    yield sse("[DONE]")
+
+
+async def _text_choice_events(stream: RequestStream, reply: Reply) -> AsyncIterator[str]:
     offset = 0
     try:
         async for out in stream:
             reply.record(out)
             if out.text or out.logprobs or out.finished:
-                choice = {"index": 0, "text": out.text, "logprobs": reply.text_logprobs(out.logprobs, offset),
+                choice = {"index": reply.index, "text": out.text, "logprobs": reply.text_logprobs(out.logprobs, offset),
                           "finish_reason": reply.final_reason() if out.finished else None}
                 yield sse(reply.chunk(choice))
             offset += len(out.text)
@@ -112,6 +139,3 @@ async def text_events(stream: RequestStream, reply: Reply, include_usage: bool) 
         yield sse({"error": {"message": str(e), "type": "server_error", "param": None, "code": None}})
     finally:
         stream.abort()
-    if include_usage:
-        yield sse({**reply.chunk(None), "usage": reply.usage()})
-    yield sse("[DONE]")
