@@ -80,3 +80,15 @@ def test_arguments_round_trip_through_the_template():
     out = parse_output(reply, tools=tools, tool_format="xml")
     assert json.loads(out.tool_calls[0]["function"]["arguments"]) == args
     assert out.content == "" and out.errors == []
+
+
+def test_each_of_n_choices_has_its_calls_with_distinct_ids(server):
+    kw = dict(model="tiny", messages=ASK, tools=TOOLS, max_tokens=300, temperature=0, n=2)
+    whole = server.client.chat.completions.create(**kw)
+    ids = [c.message.tool_calls[0].id for c in whole.choices]
+    assert len(set(ids)) == 2 and all(json.loads(c.message.tool_calls[0].function.arguments) == EXPECTED
+                                      for c in whole.choices)
+    chunks = list(server.client.chat.completions.create(**kw, stream=True))
+    streamed = {(c.choices[0].index, t.id) for c in chunks if c.choices for t in c.choices[0].delta.tool_calls or []
+                if t.id}
+    assert len(streamed) == 2 and {i for i, _ in streamed} == {0, 1}

@@ -45,8 +45,16 @@ async def chat_body(streams: list[RequestStream], replies: list[Reply], parser: 
     return replies[0].body(list(choices), total_usage(replies))
 
 
+def _choice_parser(parser: dict, reply: Reply) -> dict:
+    """The parser options of one choice: tool-call ids unique across the choices."""
+    if not parser or not reply.index:
+        return parser
+    return {**parser, "id_prefix": f"{parser['id_prefix']}{reply.index}_"}
+
+
 async def _chat_choice(stream: RequestStream, reply: Reply, parser: dict) -> dict:
     text, logprobs = await collect(stream, reply)
+    parser = _choice_parser(parser, reply)
     parsed = parse_output(text, **parser) if parser else None
     message = parsed.to_message() if parsed else {"role": "assistant", "content": text}
     message.setdefault("content", None)
@@ -76,6 +84,7 @@ async def chat_events(streams: list[RequestStream], replies: list[Reply], parser
 
 
 async def _chat_choice_events(stream: RequestStream, reply: Reply, parser: dict) -> AsyncIterator[str]:
+    parser = _choice_parser(parser, reply)
     parse = OutputStream(**parser) if parser else None
     yield sse(reply.chunk({"index": reply.index, "delta": {"role": "assistant", "content": ""},
                            "logprobs": None, "finish_reason": None}))
