@@ -75,14 +75,16 @@ class AsyncEngine:
         self._thread.join(timeout=30)
 
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-               after: str | None = None) -> RequestStream:
+               after: str | None = None, adapter: str | None = None) -> RequestStream:
         """Queue a request (call from the event loop); raises RequestError at once if it is invalid.
-        `after`: the id of a request with the same prompt, whose prompt K/V this one shares."""
+        `after`: the id of a request with the same prompt, whose prompt K/V this one shares.
+        `adapter`: the name of a loaded LoRA adapter, taken now (an unload meanwhile cannot lose it)."""
         self.engine.validate(prompt_ids, params)
+        lora = self.engine.adapter(adapter) if adapter is not None else None
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, len(prompt_ids))
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
-        self._inbox.put(("add", request_id, list(prompt_ids), params, time.monotonic(), after))
+        self._inbox.put(("add", request_id, list(prompt_ids), params, time.monotonic(), after, lora))
         return stream
 
     def abort(self, request_id: str) -> None:
@@ -121,9 +123,9 @@ class AsyncEngine:
 
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
-            _, request_id, prompt_ids, params, arrival_time, after = command
+            _, request_id, prompt_ids, params, arrival_time, after, lora = command
             try:
-                self.engine.add_request(prompt_ids, params, request_id, arrival_time, after)
+                self.engine.add_request(prompt_ids, params, request_id, arrival_time, after, lora)
             except Exception as e:
                 self._deliver(request_id, e, True)
         elif command[0] == "abort":

@@ -3,7 +3,8 @@
 The cache is `num_blocks` blocks of `block_size` token slots. A sequence owns the blocks of its
 block table; blocks are reference-counted so sequences can share a prefix. A full block whose
 K/V has been computed is hashed by its whole token prefix (the hash chains the previous block's
-hash with its own tokens) and stays findable after its sequence ends, until the block is handed
+hash with its own tokens; the first block's chain starts from the sequence's `cache_salt`, its
+LoRA adapter) and stays findable after its sequence ends, until the block is handed
 out again: a later request with the same prefix reuses it instead of recomputing it.
 
 Free blocks wait in least-recently-freed order, so the prefix cache evicts the oldest first.
@@ -61,7 +62,7 @@ class BlockManager:
         from the cache: its logits are needed, so at least one token is always computed."""
         if not self.enable_prefix_caching:
             return []
-        hits, prev = [], None
+        hits, prev = [], seq.cache_salt
         for i in range((len(seq) - 1) // self.block_size):
             tokens = tuple(seq.block_tokens(i, self.block_size))
             prev = block_hash(prev, tokens)
@@ -78,7 +79,7 @@ class BlockManager:
         done = min(seq.num_computed_tokens, len(seq)) // self.block_size
         for i in range(seq.num_hashed_blocks, done):
             block = self.blocks[seq.block_table[i]]
-            prev = self.blocks[seq.block_table[i - 1]].hash if i else None
+            prev = self.blocks[seq.block_table[i - 1]].hash if i else seq.cache_salt
             tokens = tuple(seq.block_tokens(i, self.block_size))
             block.hash, block.token_ids = block_hash(prev, tokens), tokens
             self.hash_to_block.setdefault(block.hash, block.block_id)

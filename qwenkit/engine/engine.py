@@ -15,6 +15,7 @@ from __future__ import annotations
 import time
 
 from ..errors import RequestError
+from ..model.multi_lora import Adapter, AdapterSet
 from .block_manager import BlockManager
 from .memory import plan_num_blocks
 from .output import IncrementalText, RequestOutput
@@ -36,7 +37,9 @@ class Engine:
         self.blocks = BlockManager(num_blocks, settings.block_size, settings.enable_prefix_caching)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
                                    model.eos_token_ids, self.max_model_len)
-        self.runner = ModelRunner(model, num_blocks, settings.block_size)
+        # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
+        self.adapters = AdapterSet(model, settings.max_loras, settings.max_lora_rank) if settings.max_loras else None
+        self.runner = ModelRunner(model, num_blocks, settings.block_size, adapters=self.adapters)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
@@ -65,13 +68,22 @@ class Engine:
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need an engine with a tokenizer")
 
+    def adapter(self, name: str) -> Adapter:
+        """The loaded LoRA adapter called `name` (RequestError naming it when there is none)."""
+        if self.adapters is None:
+            raise RequestError(f"no LoRA adapter named {name!r}: this engine serves none (max_loras is 0)")
+        return self.adapters.get(name)
+
     def add_request(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                    arrival_time: float | None = None, after: str | None = None) -> str:
+                    arrival_time: float | None = None, after: str | None = None,
+                    adapter: Adapter | str | None = None) -> str:
         """Queue a request; `arrival_time` (time.monotonic) is when a caller got it, for latency metrics.
         `after`: a running request with the same prompt, whose prompt K/V this one shares (it is
-        scheduled once that prompt is computed; at once if the prefix cache is off)."""
+        scheduled once that prompt is computed; at once if the prefix cache is off). `adapter`: a
+        LoRA adapter (or its name) its tokens run through."""
         self.validate(prompt_ids, params)
         seq = Sequence(prompt_ids, params, request_id, arrival_time)
+        seq.adapter = self.adapter(adapter) if isinstance(adapter, str) else adapter
         if seq.request_id in self.requests:
             raise RequestError(f"request id {seq.request_id!r} is already in use")
         text = None

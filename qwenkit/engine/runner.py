@@ -4,6 +4,10 @@ Each call takes B rows of T tokens, left-padded so every row's last real token i
 `logits_to_keep=1` then gives each row's next-token logits). Decode rows (one token) run as
 one call; prefill chunks, which are longer, run as a second call in the same step, so a long
 prompt does not pad every decode row to its length.
+
+LoRA adapters apply per row: when any row of a call has one, the call runs the model's modules
+inside `adapters.rows(...)` (model/multi_lora.py), whose hooks add each row's own update; the
+fused decode step would skip them, so it runs only calls whose rows are all the base model's.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ def attention_layout(model) -> tuple[int, int]:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None):
+    def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None, adapters=None):
         self.model = model
         self.device = model.device
         n_kv, head_dim = attention_layout(model)
@@ -35,6 +39,7 @@ class ModelRunner:
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler()
         self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
+        self.adapters = adapters  # a model.multi_lora.AdapterSet, when the engine serves LoRA adapters
         # Set by tensor parallelism: called with each step's groups before they run, so the
         # other ranks run the same model calls on their shards.
         self.broadcast = None
@@ -67,6 +72,10 @@ class ModelRunner:
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Next-token logits (B, V) after each chunk's last token."""
         input_ids = self.prepare(chunks)
+        per_row = [c.seq.adapter for c in chunks]
+        if any(a is not None for a in per_row):
+            with self.adapters.rows(per_row):
+                return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
         run = self.decode if input_ids.shape[1] == 1 else self.model
         return run(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
 

@@ -2,7 +2,8 @@
 
 Plain Python, shared by the block manager, the scheduler and the runner. `token_ids` holds the
 prompt followed by the generated tokens; the K/V of the first `num_computed_tokens` of them sit
-in the blocks of `block_table`, in order; its `*_time` stamps (time.monotonic) feed /metrics.
+in the blocks of `block_table`, in order; `adapter` is the LoRA adapter its rows use (None for
+the base model); its `*_time` stamps (time.monotonic) feed /metrics.
 Its base, `TokenSequence`, is the tokens and settings alone: what the sampler reads, and all
 that `qwenkit.generate` keeps for its one sequence.
 """
@@ -59,6 +60,13 @@ class Sequence(TokenSequence):
         self.first_scheduled_time: float | None = None
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
+        self.adapter = None  # the LoRA adapter (model.multi_lora.Adapter) its rows use; None: the base model
+
+    @property
+    def cache_salt(self) -> int | None:
+        """What the prefix cache keys this sequence's K/V by beside its tokens: K/V computed under
+        an adapter is that adapter's only."""
+        return None if self.adapter is None else self.adapter.id
 
     def __repr__(self) -> str:
         return (f"Sequence({self.request_id!r}, tokens={len(self)}, computed={self.num_computed_tokens}, "

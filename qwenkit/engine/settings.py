@@ -21,6 +21,8 @@ class EngineSettings:
     max_prefill_tokens: int = 512  # prompt tokens computed per step; longer prompts go in chunks
     max_model_len: int | None = None  # prompt + output tokens; None: the model's context length
     enable_prefix_caching: bool = True
+    max_loras: int = 0  # LoRA adapters loaded at once (each reserves its memory); 0: none
+    max_lora_rank: int = 16  # the largest adapter rank, what each adapter slot reserves for
 
     def __post_init__(self):
         checks = [(self.block_size >= 1, "block_size must be >= 1"),
@@ -28,7 +30,8 @@ class EngineSettings:
                   (self.max_prefill_tokens >= 1, "max_prefill_tokens must be >= 1"),
                   (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction must be in (0, 1]"),
                   (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
-                  (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0")]
+                  (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0"),
+                  (self.max_loras >= 0, "max_loras must be >= 0"), (self.max_lora_rank >= 1, "max_lora_rank must be >= 1")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"EngineSettings: {message}")

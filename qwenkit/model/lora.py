@@ -24,6 +24,7 @@ from ..errors import CheckpointError
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 PLAIN = ("o_proj", "down_proj")
 PEFT_PREFIX = "base_model.model."
+TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
 class LoRA(nn.Module):
@@ -90,9 +91,9 @@ def target_parts(name: str, linear: nn.Linear, cfg, targets: tuple[str, ...]) ->
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               targets: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down"), seed: int = 0) -> nn.Module:
+               targets: tuple[str, ...] = TARGETS, seed: int = 0) -> nn.Module:
     """Freeze the model and attach adapters to every targeted projection (in place; returns model)."""
-    unknown = set(targets) - {"q", "k", "v", "o", "gate", "up", "down"}
+    unknown = set(targets) - set(TARGETS)
     if unknown:
         raise ValueError(f"unknown LoRA targets {sorted(unknown)}")
     for p in model.parameters():
@@ -207,41 +208,60 @@ def save_adapter(model: nn.Module, out_dir: str | Path, base_model: str = "", ra
     return out
 
 
-def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True) -> nn.Module:
-    """Load a PEFT LoRA adapter directory onto a qwenkit model (in place; returns it).
-
-    merge=True folds the update into the weights (plain model, base speed); merge=False keeps it
-    live (to continue training, or to toggle with `lora_disabled`).
-    """
+def read_adapter(adapter_dir: str | Path) -> tuple[dict, dict[str, torch.Tensor], str]:
+    """(adapter_config.json, tensors, weights file name) of a PEFT LoRA adapter directory, checked."""
     from safetensors.torch import load_file
 
     root = Path(adapter_dir)
     cfg_path, weights = root / "adapter_config.json", root / "adapter_model.safetensors"
     if not cfg_path.is_file() or not weights.is_file():
         raise CheckpointError(f"{root}: not a LoRA adapter (want adapter_config.json and adapter_model.safetensors)")
-    config = json.loads(cfg_path.read_text())
+    try:
+        config = json.loads(cfg_path.read_text())
+        rank, _ = int(config["r"]), float(config["lora_alpha"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cfg_path}: not a LoRA config ({type(e).__name__}: {e})") from None
     if config.get("peft_type", "LORA") != "LORA" or config.get("use_dora") or config.get("use_rslora"):
         raise CheckpointError(f"{cfg_path}: only plain LoRA adapters are supported")
-    targets = tuple(t.removesuffix("_proj") for t in _as_list(config["target_modules"]))
-    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), 0.0, targets)
-    _load_peft_tensors(model, load_file(str(weights)), str(weights))
+    if rank < 1:
+        raise CheckpointError(f"{cfg_path}: want r >= 1, not {rank}")
+    return config, load_file(str(weights)), str(weights)
+
+
+def adapter_targets(tensors: dict[str, torch.Tensor], source: str) -> tuple[str, ...]:
+    """The short target names (q, k, v, o, gate, up, down) an adapter's tensors hold, read from
+    their names (a config's `target_modules` may be a pattern such as "all-linear")."""
+    targets = {k.split(".lora_")[0].rsplit(".", 1)[-1].removesuffix("_proj") for k in tensors}
+    unknown = sorted(targets - set(TARGETS))
+    if unknown or not targets:
+        raise CheckpointError(f"{source}: LoRA on {unknown or 'nothing'}; qwenkit adapts {', '.join(TARGETS)}")
+    return tuple(t for t in TARGETS if t in targets)
+
+
+def apply_adapter(model: nn.Module, adapter_dir: str | Path, merge: bool = True) -> nn.Module:
+    """Load a PEFT LoRA adapter directory onto a qwenkit model (in place; returns it).
+
+    merge=True folds the update into the weights (plain model, base speed); merge=False keeps it
+    live (to continue training, or to toggle with `lora_disabled`).
+    """
+    config, tensors, source = read_adapter(adapter_dir)
+    apply_lora(model, int(config["r"]), float(config["lora_alpha"]), 0.0, adapter_targets(tensors, source))
+    load_peft_tensors({name: m.lora for name, m in lora_modules(model)}, tensors, source)
     if merge:
         remove_lora(model, merge=True)
     return model
 
 
-def _as_list(targets) -> list[str]:
-    return [targets] if isinstance(targets, str) else list(targets)
-
-
 @torch.no_grad()
-def _load_peft_tensors(model: nn.Module, tensors: dict[str, torch.Tensor], source: str) -> None:
+def load_peft_tensors(loras: dict[str, LoRA], tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Copy PEFT-named tensors into the adapters of `loras` ({module name: LoRA}); every tensor
+    must find its place and every place its tensor."""
     expected = {}
-    for name, m in lora_modules(model):
+    for name, lora in loras.items():
         prefix = name.rsplit(".", 1)[0]
-        for p in m.lora.parts:
-            expected[f"{PEFT_PREFIX}{prefix}.{p}.lora_A.weight"] = m.lora.A[p]
-            expected[f"{PEFT_PREFIX}{prefix}.{p}.lora_B.weight"] = m.lora.B[p]
+        for p in lora.parts:
+            expected[f"{PEFT_PREFIX}{prefix}.{p}.lora_A.weight"] = lora.A[p]
+            expected[f"{PEFT_PREFIX}{prefix}.{p}.lora_B.weight"] = lora.B[p]
     for key, t in tensors.items():
         key = key.replace(".lora_A.default.", ".lora_A.").replace(".lora_B.default.", ".lora_B.")
         if key not in expected:
