@@ -158,3 +158,51 @@ def test_adapter_slots_come_out_of_the_kv_budget(ckpt):
     assert plan_num_blocks(model, lora, 2048) == (budget - adapter_bytes(model, lora)) // per_block
     with pytest.raises(ConfigError, match="100 LoRA adapter slots of rank 64"):
         plan_num_blocks(model, EngineSettings(kv_cache_memory=budget, max_loras=100, max_lora_rank=64), 2048)
+
+
+def per_row_logits(ckpt, adapter_dirs, ids):
+    """Logits of rows [base, adapter 0, adapter 1, ...] of `ids` in one call, and the model."""
+    model = load(ckpt)
+    aset = AdapterSet(model, max_adapters=len(adapter_dirs), max_rank=16)
+    per_row = [None] + [aset.load(f"a{i}", d) for i, d in enumerate(adapter_dirs)]
+    with torch.inference_mode(), aset.rows(per_row):
+        return model(ids.expand(len(per_row), -1))
+
+
+def test_adapter_written_by_peft_matches_peft(ckpt, adapters, tmp_path):
+    peft = pytest.importorskip("peft")
+    from tiny import load_reference
+
+    config = peft.LoraConfig(r=4, lora_alpha=12, lora_dropout=0.0, init_lora_weights=False,
+                             target_modules=["q_proj", "v_proj", "o_proj", "up_proj", "down_proj"])
+    torch.manual_seed(3)
+    reference = peft.get_peft_model(load_reference(ckpt), config).eval()
+    reference.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 256, (1, 11), generator=torch.Generator().manual_seed(4))
+    got = per_row_logits(ckpt, [adapters["mlp"], tmp_path / "peft"], ids)
+    with torch.no_grad():
+        expected = reference(input_ids=ids).logits[0]
+        torch.testing.assert_close(got[2], expected, atol=1e-4, rtol=1e-4)
+        with reference.disable_adapter():
+            torch.testing.assert_close(got[0], reference(input_ids=ids).logits[0], atol=1e-4, rtol=1e-4)
+
+
+def test_adapter_trained_by_train_sft_equals_its_merged_model(tmp_path):
+    from qwenkit.train.cli import main
+    from train_tiny import make_tokenizer, write_config, write_sft
+
+    base = make_checkpoint(tmp_path / "base", "qwen3", vocab_size=320)
+    sections = {"model": {"init": str(base)},
+                "data": {"train": str(write_sft(tmp_path / "sft.jsonl")), "seq_len": 48, "eval_fraction": 0.1,
+                         "tokenizer": str(make_tokenizer(tmp_path / "tok"))},
+                "optim": {"lr": 3e-2, "warmup_steps": 1}, "lora": {"enabled": True, "r": 4, "alpha": 8.0},
+                "run": {"out": str(tmp_path / "run"), "max_steps": 3, "batch_size": 4, "micro_batch_size": 4,
+                        "eval_every": 0, "checkpoint_every": 0, "device": "cpu"}}
+    assert main(["sft", "--config", str(write_config(tmp_path / "c.toml", sections))]) == 0
+    trained = tmp_path / "run" / "adapter"
+    ids = torch.randint(0, 320, (1, 10), generator=torch.Generator().manual_seed(5))
+    got = per_row_logits(base, [trained], ids)
+    with torch.inference_mode():
+        merged = load(base, trained)(ids)[0]
+        assert (merged - load(base)(ids)[0]).abs().max() > 1e-3  # training moved it
+        torch.testing.assert_close(got[1], merged, atol=1e-4, rtol=1e-4)

@@ -1,7 +1,7 @@
 """`qwenkit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus). With --api-key, /v1 routes need `Authorization: Bearer KEY`.
+GET /metrics (Prometheus); LoRA adapters' routes and `model` routing in adapters.py. With --api-key, /v1 routes need `Authorization: Bearer KEY`.
 Every error is an OpenAI-shaped JSON body: 4xx for anything a request body can do (a body over
 --max-request-bytes is 413), 500 only for our own failures. Prompts are tokenized off the event loop.
 Binds to 127.0.0.1 unless --host says otherwise. Chat messages are encoded with the
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException
 from ..engine.async_engine import AsyncEngine
 from ..errors import RequestError, TokenizerError
 from ..tokenizer.output import tool_format
-from . import choices, metrics, streaming
+from . import adapters, choices, metrics, streaming
 from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Reply
@@ -40,7 +40,7 @@ class ApiError(HTTPException):
 
 
 def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allow_runtime_lora: bool = False) -> FastAPI:
     """The app for a started AsyncEngine; routes share the engine and tokenizer."""
     app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
     _install_error_handlers(app)
@@ -57,10 +57,14 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
             raise ApiError(401, "invalid or missing API key (send `Authorization: Bearer KEY`)",
                            "authentication_error", "invalid_api_key", {"WWW-Authenticate": "Bearer"})
 
-    def check_model(name: str) -> None:
-        if name != model_name:
-            raise ApiError(404, f"model {name!r} does not exist; this server has {model_name!r}",
-                           "invalid_request_error", "model_not_found")
+    def check_model(name: str) -> str | None:
+        """The LoRA adapter a request's `model` names (None: the base model); 404 if neither."""
+        try:
+            return adapters.model_route(engine, model_name, name)
+        except HTTPException as e:
+            raise ApiError(404, e.detail, "invalid_request_error", "model_not_found") from None
+
+    app.include_router(adapters.router(engine, model_name, check_key, allow_runtime_lora))
 
     @app.get("/health")
     async def health():
@@ -75,11 +79,11 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     async def models():
         card = {"id": model_name, "object": "model", "created": 0, "owned_by": "qwenkit",
                 "max_model_len": engine.engine.max_model_len}
-        return {"object": "list", "data": [card]}
+        return {"object": "list", "data": [card, *adapters.model_cards(engine, model_name)]}
 
     @app.post("/v1/chat/completions", dependencies=[Depends(check_key)])
     async def chat(req: ChatCompletionRequest, request: Request):
-        check_model(req.model)
+        adapter = check_model(req.model)
         tools = req.template_tools()
         # Tokenizing a long prompt takes a while: in a thread, so the loop serves others meanwhile.
         prompt_ids = await asyncio.to_thread(tokenizer.apply_chat_template, req.template_messages(),
@@ -87,8 +91,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                                              **req.template_kwargs())
         max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
         params = req.sampling_params(max_tokens, req.num_logprobs())
-        streams = choices.submit(engine, prompt_ids, params, req.num_choices())
-        reply = Reply("chat", model_name, tokenizer, len(prompt_ids))
+        streams = choices.submit(engine, prompt_ids, params, req.num_choices(), adapter)
+        reply = Reply("chat", req.model, tokenizer, len(prompt_ids))
         replies = [reply.for_choice(k) for k in range(len(streams))]
         parser = {}
         if reasoning or tools:
@@ -101,12 +105,12 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
 
     @app.post("/v1/completions", dependencies=[Depends(check_key)])
     async def completions(req: CompletionRequest, request: Request):
-        check_model(req.model)
+        adapter = check_model(req.model)
         prompt = req.prompt_input()
         prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
         params = req.sampling_params(req.max_tokens, req.logprobs)
-        streams = choices.submit(engine, prompt_ids, params, req.num_choices())
-        reply = Reply("text", model_name, tokenizer, len(prompt_ids))
+        streams = choices.submit(engine, prompt_ids, params, req.num_choices(), adapter)
+        reply = Reply("text", req.model, tokenizer, len(prompt_ids))
         replies = [reply.for_choice(k) for k in range(len(streams))]
         if req.stream:
             return _sse(streaming.text_events(streams, replies, req.include_usage))
@@ -197,6 +201,7 @@ def parser(prog: str):
     p.add_argument("--no-prefix-caching", action="store_true")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    adapters.add_flags(p)
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -239,7 +244,8 @@ def engine_settings(args):
     memory = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
     return EngineSettings(block_size=args.block_size, kv_cache_memory=memory, num_blocks=args.num_kv_blocks,
                           max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
-                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching)
+                          max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                          **adapters.settings_from(args))
 
 
 def load(args):
@@ -276,19 +282,22 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
     settings, max_request_bytes = checked_flags(args)
     model, tokenizer = load(args)
     engine = Engine(model, settings, tokenizer)
+    name = Path(args.served_model_name or args.model).name
+    lora = adapters.load_startup(engine, args, name)
     if args.tensor_parallel_size > 1:
         from ..engine.tensor_parallel import attach
 
         attach(engine)
     blocks = engine.blocks
     mib = engine.runner.cache.k.nbytes * 2 / 2**20
-    name = Path(args.served_model_name or args.model).name
     print(f"{prog}: {name} on {model.device} ({model.dtype}); KV cache {blocks.num_blocks} blocks x "
           f"{blocks.block_size} = {engine.num_context_tokens} tokens of context ({mib:.0f} MiB); "
           f"max {engine.max_model_len} tokens per request", flush=True)
+    if lora:
+        print(f"{prog}: {lora}", flush=True)
     async_engine = AsyncEngine(engine).start()
     app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"),
-                    max_request_bytes)
+                    max_request_bytes, args.allow_runtime_lora)
     print(f"{prog}: serving on http://{args.host}:{args.port}/v1", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)

@@ -24,10 +24,12 @@ def choice_seed(seed: int | None, k: int) -> int | None:
     return int.from_bytes(digest, "little") >> 1
 
 
-def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, n: int) -> list[RequestStream]:
-    first = engine.submit(prompt_ids, params)
+def submit(engine: AsyncEngine, prompt_ids: list[int], params: SamplingParams, n: int,
+           adapter: str | None = None) -> list[RequestStream]:
+    """n requests over the prompt, all through LoRA adapter `adapter` (None: the base model)."""
+    first = engine.submit(prompt_ids, params, adapter=adapter)
     return [first] + [engine.submit(prompt_ids, params.replace(seed=choice_seed(params.seed, k)),
-                                    after=first.request_id) for k in range(1, n)]
+                                    after=first.request_id, adapter=adapter) for k in range(1, n)]
 
 
 async def merged(generators: list[AsyncIterator]) -> AsyncIterator:
