@@ -77,6 +77,8 @@ def test_concurrent_requests_each_answer_like_their_adapter_merged(server, ckpt,
     for name, r in zip(names, replies):
         assert r.model == name
         assert r.choices[0].text == expected_text(ckpt, adapter_dirs.get(name), 8), name
+    two = server.client.completions.create(model="mlp", prompt=PROMPT, max_tokens=8, temperature=0, n=2)
+    assert [c.text for c in two.choices] == [expected_text(ckpt, adapter_dirs["mlp"], 8)] * 2
 
 
 def test_unknown_model_is_a_404_naming_it(server):
