@@ -127,8 +127,8 @@ def server(model, tokenizer):
     s.close()
 
 
-@pytest.fixture(scope="module")
-def scripted(tokenizer):
+def scripted_model(tokenizer) -> ScriptedQwen:
+    """A model that answers TOOL_ASK (with WEATHER) by TOOL_REPLY and THINK_ASK by THINK_REPLY."""
     m = tiny_model(vocab_size=VOCAB, max_position_embeddings=2048, seed=1)
     m.__class__ = ScriptedQwen
     m.eos_token_ids = [258, 256]
@@ -137,7 +137,12 @@ def scripted(tokenizer):
         prompt = tokenizer.apply_chat_template(messages, tools=tools, tokenize=True)
         m.scripts[len(prompt)] = tokenizer.encode(reply) + [258]
     assert len(m.scripts) == 2
-    s = Server(m, tokenizer, EngineSettings(block_size=8, num_blocks=600))
+    return m
+
+
+@pytest.fixture(scope="module")
+def scripted(tokenizer):
+    s = Server(scripted_model(tokenizer), tokenizer, EngineSettings(block_size=8, num_blocks=600))
     yield s
     s.close()
 

@@ -1,7 +1,9 @@
 """`qwenkit serve`: an OpenAI-compatible HTTP server (FastAPI + uvicorn) over the AsyncEngine.
 
 Routes: POST /v1/chat/completions, POST /v1/completions, GET /v1/models, GET /health,
-GET /metrics (Prometheus); LoRA adapters' routes and `model` routing in adapters.py. With --api-key, /v1 routes need `Authorization: Bearer KEY`.
+GET /metrics (Prometheus), and the chat page at / (server/ui/; --no-ui leaves it out); LoRA
+adapters' routes and `model` routing in adapters.py. With --api-key, /v1 routes and the page's
+/ui/render need `Authorization: Bearer KEY`.
 Every error is an OpenAI-shaped JSON body: 4xx for anything a request body can do (a body over
 --max-request-bytes is 413), 500 only for our own failures. Prompts are tokenized off the event loop.
 Binds to 127.0.0.1 unless --host says otherwise. Chat messages are encoded with the
@@ -25,6 +27,7 @@ from . import adapters, choices, metrics, streaming
 from .limits import DEFAULT_MAX_REQUEST_BYTES, BodyLimit
 from .protocol import ChatCompletionRequest, CompletionRequest
 from .responses import Reply
+from .ui import chat_page
 
 _THINK_OPEN = "<think>"
 
@@ -40,7 +43,8 @@ class ApiError(HTTPException):
 
 
 def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
-              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allow_runtime_lora: bool = False) -> FastAPI:
+              max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allow_runtime_lora: bool = False,
+              ui: bool = True) -> FastAPI:
     """The app for a started AsyncEngine; routes share the engine and tokenizer."""
     app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
     _install_error_handlers(app)
@@ -65,6 +69,9 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
             raise ApiError(404, e.detail, "invalid_request_error", "model_not_found") from None
 
     app.include_router(adapters.router(engine, model_name, check_key, allow_runtime_lora))
+
+    if ui:
+        app.include_router(chat_page(check_key))
 
     @app.get("/health")
     async def health():
@@ -202,6 +209,7 @@ def parser(prog: str):
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     adapters.add_flags(p)
+    p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -297,8 +305,9 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
         print(f"{prog}: {lora}", flush=True)
     async_engine = AsyncEngine(engine).start()
     app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"),
-                    max_request_bytes, args.allow_runtime_lora)
-    print(f"{prog}: serving on http://{args.host}:{args.port}/v1", flush=True)
+                    max_request_bytes, args.allow_runtime_lora, ui=not args.no_ui)
+    page = "" if args.no_ui else f"; chat page at http://{args.host}:{args.port}/"
+    print(f"{prog}: serving on http://{args.host}:{args.port}/v1{page}", flush=True)
     try:
         uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     finally:
