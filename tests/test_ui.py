@@ -81,7 +81,7 @@ def open_page(browser, url: str, key: str | None = KEY):
     if key:
         page.locator("#key").fill(key)
         page.keyboard.press("Enter")
-    page.wait_for_function("document.querySelector('#model').textContent !== '…'")
+    page.wait_for_function("document.querySelector('#model').value !== ''")
     return page
 
 

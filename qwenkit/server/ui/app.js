@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const STORE = "qwenkit.chats", CURRENT = "qwenkit.current", SETTINGS = "qwenkit.settings", KEY = "qwenkit.key";
+const MODEL = "qwenkit.model";  // the model or LoRA adapter chosen last
 const DEFAULTS = {system: "", temperature: "0.7", top_p: "0.8", top_k: "20", max_tokens: "", thinking: true, tools: ""};
 const RENDER_BATCH = 256;  // the most texts /ui/render takes at once
 const RENDER_EVERY_MS = 250;
@@ -61,8 +62,10 @@ async function call(path, body, signal) {
 
 async function connect() {
   try {
-    model = (await (await call("/v1/models")).json()).data[0].id;
-    $("model").textContent = model;
+    const models = (await (await call("/v1/models")).json()).data.map((m) => m.id);
+    const chosen = localStorage.getItem(MODEL);
+    $("model").replaceChildren(...models.map((id) => el("option", "", id)));
+    $("model").value = model = models.includes(chosen) ? chosen : models[0];
     status("");
     renderAll();
   } catch (e) { status(e.message, true); }
@@ -218,9 +221,17 @@ function apply(reply, view, event) {
   const delta = choice?.delta || {};
   if (delta.reasoning_content) reply.reasoning += delta.reasoning_content;
   if (delta.content) reply.content += delta.content;
-  for (const c of delta.tool_calls || []) reply.tool_calls.push({id: c.id, type: "function", function: c.function});
+  for (const c of delta.tool_calls || []) addToolCall(reply.tool_calls, c);
   if (choice?.finish_reason === "length") reply.note = "stopped at the token limit";
   paintSoon(view);
+}
+
+// A call's first delta names it; later ones (same index) carry more of its arguments.
+function addToolCall(calls, delta) {
+  const call = calls[delta.index ?? calls.length] ??= {id: "", type: "function", function: {name: "", arguments: ""}};
+  if (delta.id) call.id = delta.id;
+  if (delta.function?.name) call.function.name = delta.function.name;
+  call.function.arguments += delta.function?.arguments || "";
 }
 
 // Tokens come faster than a page should lay itself out: paint once a frame, and render the
@@ -277,6 +288,7 @@ function start() {
   $("settings").addEventListener("change", () => localStorage.setItem(SETTINGS, JSON.stringify(settings())));
   $("reset-settings").onclick = () => { showSettings({...DEFAULTS, system: $("system").value, tools: $("tools").value});
                                         localStorage.setItem(SETTINGS, JSON.stringify(settings())); };
+  $("model").onchange = () => { model = $("model").value; localStorage.setItem(MODEL, model); };
   $("new-chat").onclick = () => { if (!running) { newChat(); save(); showChat(); } };
   $("stop").onclick = () => running && running.abort();
   $("composer").onsubmit = (e) => {
