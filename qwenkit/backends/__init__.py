@@ -72,6 +72,14 @@ def decode_step(model):
     return _STEPS.get(model, model)
 
 
+def verify_step(model):
+    """What runs a speculative verify call, (input_ids (1, T), *, cache) -> logits (1, T, V) on a
+    static cache: the installed step's `verify` (each row as the one-token step computes it), else
+    the model's forward."""
+    step = _STEPS.get(model)
+    return step.verify if step is not None else lambda input_ids, *, cache: model(input_ids, cache=cache)
+
+
 def _plain_form(module: nn.Module) -> type | None:
     """The model's own class for a module a backend swapped, else None."""
     return type(module).__mro__[1] if type(module).__module__ == cpu.__name__ else None

@@ -802,10 +802,17 @@ static inline void add_rows(float *x, const float *d, int64_t n) {
 // S = max(pos) + 1, under mask (bytes (mask_rows, S), row b's at b % mask_rows) or all of them
 // when mask is NULL (every row then at the same position). The caller checks that every pos[b]
 // has a slot.
-int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
-                     int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin, int64_t cs_rows,
-                     float *k_cache, float *v_cache, int64_t layer_stride, const qk_layout *layout, const int64_t *pos,
-                     const uint8_t *mask, int64_t mask_rows, int threads) {
+//
+// own_length (the verify step's form, qk_verify_layers): row b attends positions [0, pos[b]] alone,
+// unmasked, each row in its own attention call. The rows are then successive tokens of one
+// sequence (layout sb = 0: every row reads and writes the same cache row) and each row's
+// arithmetic is the one-token step's at its position: one call of S keys splits them into
+// vector lanes and scalar tails by S, so a shared S with a mask would sum in another order.
+static int decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
+                         int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin,
+                         int64_t cs_rows, float *k_cache, float *v_cache, int64_t layer_stride,
+                         const qk_layout *layout, const int64_t *pos, const uint8_t *mask, int64_t mask_rows,
+                         int own_length, int threads) {
     if (B < 1 || B > MAX_ROWS) return -1;
     int64_t S = 0;
     for (int64_t b = 0; b < B; b++) S = pos[b] + 1 > S ? pos[b] + 1 : S;
@@ -840,8 +847,14 @@ int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t
                 }
             }
         }
-        if ((rc = qk_attend_one(q, kl, vl, mask, att, B, H, Hkv, S, D, layout, mask_rows == 1 ? 0 : S,
-                                (float)(1.0 / sqrt((double)D)), threads)))
+        const float scale = (float)(1.0 / sqrt((double)D));
+        if (own_length) {
+            for (int64_t b = 0; b < B && rc == 0; b++)
+                rc = qk_attend_one(q + b * H * D, kl, vl, NULL, att + b * H * D, 1, H, Hkv, pos[b] + 1, D, layout, 0,
+                                   scale, threads);
+            if (rc) break;
+        } else if ((rc = qk_attend_one(q, kl, vl, mask, att, B, H, Hkv, S, D, layout, mask_rows == 1 ? 0 : S, scale,
+                                       threads)))
             break;
         if ((rc = linear(&L->o, att, h, B, threads))) break;
         add_rows(x, h, B * hidden);
@@ -853,4 +866,23 @@ int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t
     }
     free(buf);
     return rc;
+}
+
+int qk_decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
+                     int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin, int64_t cs_rows,
+                     float *k_cache, float *v_cache, int64_t layer_stride, const qk_layout *layout, const int64_t *pos,
+                     const uint8_t *mask, int64_t mask_rows, int threads) {
+    return decode_layers(layers, n_layers, x, B, hidden, H, Hkv, D, I, eps, cos, sin, cs_rows, k_cache, v_cache,
+                         layer_stride, layout, pos, mask, mask_rows, 0, threads);
+}
+
+// The speculative verify step: B successive tokens of one sequence at positions pos[0..B) (see
+// own_length above), each row computed exactly as the one-token step computes it, the weights
+// read once for all rows.
+int qk_verify_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
+                     int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin, int64_t cs_rows,
+                     float *k_cache, float *v_cache, int64_t layer_stride, const qk_layout *layout, const int64_t *pos,
+                     int threads) {
+    return decode_layers(layers, n_layers, x, B, hidden, H, Hkv, D, I, eps, cos, sin, cs_rows, k_cache, v_cache,
+                         layer_stride, layout, pos, NULL, 1, 1, threads);
 }

@@ -64,6 +64,8 @@ def kernels() -> ctypes.CDLL | None:
                                      + [ctypes.c_float] + [ctypes.c_void_p] * 2 + [ctypes.c_int64]
                                      + [ctypes.c_void_p] * 2 + [ctypes.c_int64] + [ctypes.c_void_p] * 3
                                      + [ctypes.c_int64, ctypes.c_int])
+    lib.qk_verify_layers.restype = ctypes.c_int
+    lib.qk_verify_layers.argtypes = lib.qk_decode_layers.argtypes[:18] + [ctypes.c_int]
     lib.qk_rope.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int64] * 5 + [ctypes.c_int]
     lib.qk_attend_one.argtypes = ([ctypes.c_void_p] * 5 + [ctypes.c_int64] * 5 + [ctypes.c_void_p, ctypes.c_int64]
                                   + [ctypes.c_float, ctypes.c_int])

@@ -30,6 +30,10 @@ from .quant import Bf16Linear, Int4Linear, Int8Linear
 
 KINDS = {torch.float32: 0, torch.bfloat16: 1}  # fp32 / bf16 weights; int8 is 2, int4 3
 P = ctypes.c_void_p
+# lm_head forms whose rows, up to MAX_ROWS, go through the GEMVs above, each row's arithmetic the
+# same whatever the rows: the verify step runs them at once; others (fp32's CpuLinear: torch for
+# one row, the GEMV for several) one row at a time, as the one-token step does.
+ROW_INVARIANT = (Int8Linear, Int4Linear, Bf16Linear)
 
 
 class _Linear(ctypes.Structure):
@@ -139,6 +143,42 @@ class FusedDecode:
         if not self._run_fused(x, cos, sin, masks, cache):
             x = model.run_layers(x, cos, sin, masks, cache)
         return model.finish(x, cache, input_ids.shape[1], logits_to_keep)
+
+    def verify(self, input_ids, *, cache) -> torch.Tensor:
+        """Logits (1, T, V) for T successive tokens of one sequence (a speculative step's last token
+        and its proposals) on a static cache: row i equal, bit for bit, to what the one-token step
+        gives at that position, the layers' weights read once for all rows. Runs the modules
+        (another reduction order) where the C loop does not apply."""
+        model = self.model
+        x, cos, sin, masks = model.begin(input_ids, None, cache)
+        if not self._run_verify(x, cos, sin, cache):
+            x = model.run_layers(x, cos, sin, masks, cache)
+            return model.finish(x, cache, input_ids.shape[1])
+        cache.end(input_ids.shape[1])
+        h = model.model.norm(x)  # (1, T, H): row by row
+        if type(model.lm_head) in ROW_INVARIANT:
+            return model.lm_head(h).float()
+        return torch.cat([model.lm_head(h[:, i:i + 1]) for i in range(h.shape[1])], 1).float()
+
+    def _run_verify(self, x, cos, sin, cache) -> bool:
+        """qk_verify_layers on x (1, T, H) in place; False (nothing done) where it does not apply."""
+        B, T, hidden = x.shape
+        if B != 1 or T > cpu_kernels.MAX_ROWS or x.dtype != torch.float32 or not x.is_contiguous():
+            return False
+        plan = self._current_plan()
+        slots = cache.slots()
+        if not plan.ok or slots.tables is not None or not _takes(slots, 1, plan):
+            return False
+        layout = cpu_kernels.Layout(0, slots.sh, slots.ss, None, 0, 1)  # sb 0: every row is row 0 of the cache
+        pos = slots.write_at[0] + torch.arange(T)  # (T,)
+        H, Hkv, D, I = plan.shape
+        cos, sin = cos.reshape(T, -1).contiguous(), sin.reshape(T, -1).contiguous()
+        rc = cpu_kernels.kernels().qk_verify_layers(
+            plan.layers, len(plan.layers), x.data_ptr(), T, hidden, H, Hkv, D, I, plan.eps, cos.data_ptr(),
+            sin.data_ptr(), T, slots.k.data_ptr(), slots.v.data_ptr(), slots.layer_stride, ctypes.byref(layout),
+            pos.data_ptr(), torch.get_num_threads())
+        cpu_kernels._check(rc, f"the verify step does not take {T} tokens at position {int(pos[0])}")
+        return True
 
     def _current_plan(self) -> _Plan:
         if self.plan is None or not self.plan.valid_for(self.model):
