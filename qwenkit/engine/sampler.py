@@ -51,29 +51,16 @@ class Sampler:
 
     def _draw(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> torch.Tensor:
         """Random tokens (R,) from logits (R, V) after temperature, top-k, min-p and top-p."""
-        params = [s.params for s in seqs]
-        temps = torch.tensor([p.temperature for p in params])[:, None]
-        top_k = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params]
-        # One sort of the top max(top_k) candidates serves every row's filters.
-        values, order = (logits / temps).topk(max(top_k), dim=-1)  # (R, K)
-        rank = torch.arange(values.shape[-1])[None]
-        values = values.masked_fill(rank >= torch.tensor(top_k)[:, None], float("-inf"))
-        probs = values.softmax(-1)  # (R, K), sorted best first
-        min_p = torch.tensor([p.min_p for p in params])[:, None]
-        probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
-        top_p = torch.tensor([p.top_p for p in params])[:, None]
-        # keep the smallest prefix whose mass reaches top_p; the best token always stays, also
-        # when top_p is so small (1e-300) that it is 0 in float32 and every token would be cut
-        mass_before = probs.cumsum(-1) - probs
-        probs = probs.masked_fill((mass_before >= top_p * probs.sum(-1, keepdim=True)) & (rank > 0), 0.0)
+        probs, order = candidates(logits, [s.params for s in seqs])
         # One uniform draw per token, inverted through the row's CDF: a seeded request's tokens
         # depend on its own generator only, not on the batch's width K.
         cdf = probs.cumsum(-1)  # (R, K)
-        u = torch.cat([torch.rand(1, generator=self._generator(seq)) for seq in seqs])  # (R,)
+        u = torch.cat([torch.rand(1, generator=self.generator_for(seq)) for seq in seqs])  # (R,)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         return order.gather(1, picks).squeeze(1)
 
-    def _generator(self, seq: TokenSequence) -> torch.Generator | None:
+    def generator_for(self, seq: TokenSequence) -> torch.Generator | None:
+        """The generator a sequence's random draws come from (its own when it has a seed)."""
         if seq.params.seed is None:
             return self.generator
         if seq.seq_id not in self.request_generators:
@@ -88,6 +75,27 @@ class Sampler:
         top = logprobs.topk(params.logprobs) if params.logprobs else None
         pairs = list(zip(top.indices.tolist(), top.values.tolist())) if top is not None else []
         return Sample(token, float(logprobs[token]), pairs)
+
+
+def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
+    """What a draw picks from: (probs, order), each (R, K), for penalized logits (R, V) after
+    temperature, top-k, min-p and top-p: token order[r, i] has weight probs[r, i] (unnormalized;
+    zero where filtered out), best first. Speculative decoding reads the same distribution."""
+    temps = torch.tensor([p.temperature for p in params])[:, None]
+    top_k = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params]
+    # One sort of the top max(top_k) candidates serves every row's filters.
+    values, order = (logits / temps).topk(max(top_k), dim=-1)  # (R, K)
+    rank = torch.arange(values.shape[-1])[None]
+    values = values.masked_fill(rank >= torch.tensor(top_k)[:, None], float("-inf"))
+    probs = values.softmax(-1)  # (R, K), sorted best first
+    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
+    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    # keep the smallest prefix whose mass reaches top_p; the best token always stays, also
+    # when top_p is so small (1e-300) that it is 0 in float32 and every token would be cut
+    mass_before = probs.cumsum(-1) - probs
+    probs = probs.masked_fill((mass_before >= top_p * probs.sum(-1, keepdim=True)) & (rank > 0), 0.0)
+    return probs, order
 
 
 def apply_penalties(logits: torch.Tensor, seq: TokenSequence) -> None:
