@@ -3,7 +3,9 @@
 `generate` returns the new token ids (ending with the stop token when one was produced);
 `generate_stream` yields them as they come, for the CLI. Temperature 0 is greedy. Tokens are
 picked by the engine's `Sampler` under the matching `SamplingParams`, so a request gets the same
-tokens (and the same RequestErrors) here as from the engine.
+tokens (and the same RequestErrors) here as from the engine. `speculative=` ("ngram",
+"draft:PATH" or a proposer; see `qwenkit.speculative`) decodes several tokens a call after the
+first: greedy output is the same tokens, sampled output the same distribution.
 """
 
 from __future__ import annotations
@@ -17,12 +19,16 @@ from .engine.sampler import Sampler
 from .engine.sampling_params import SamplingParams
 from .engine.sequence import TokenSequence
 from .errors import RequestError
+from .speculative import proposer_for, speculative_tokens
 
 
 @torch.inference_mode()
 def generate_stream(model, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
                     top_k: int | None = None, top_p: float | None = None,
-                    stop_token_ids: list[int] | None = None, seed: int | None = None) -> Iterator[int]:
+                    stop_token_ids: list[int] | None = None, seed: int | None = None, speculative=None,
+                    spec_stats=None) -> Iterator[int]:
+    """The new token ids one by one (see `generate`); `spec_stats` (a `SpecStats`) gets the
+    speculative counts."""
     if not input_ids:
         raise RequestError("input_ids is empty: generation needs at least one prompt token")
     params = SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_k=top_k or 0,
@@ -34,6 +40,7 @@ def generate_stream(model, input_ids: list[int], max_new_tokens: int, temperatur
                            f"exceeds the model's context of {limit} tokens")
     stops = set(model.eos_token_ids) | set(params.stop_token_ids)
     seq, sampler = TokenSequence(input_ids, params), Sampler()
+    proposer = proposer_for(speculative, model) if speculative is not None else None
     cache = model.new_cache(1, total)
     decode = decode_step(model)
     ids = torch.tensor([input_ids], device=model.device)
@@ -45,12 +52,17 @@ def generate_stream(model, input_ids: list[int], max_new_tokens: int, temperatur
         yield token
         if token in stops:
             return
+        if proposer is not None:  # after the prefill's token: proposals need a last token to follow
+            yield from speculative_tokens(model, seq, sampler, cache, proposer, stops, max_new_tokens, spec_stats)
+            return
         ids = torch.tensor([[token]], device=model.device)
 
 
 def generate(model, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None,
-             stop_token_ids: list[int] | None = None, seed: int | None = None) -> list[int]:
-    """The new token ids for a prompt (list of ints). Stops at the model's EOS ids or stop_token_ids."""
+             stop_token_ids: list[int] | None = None, seed: int | None = None, speculative=None) -> list[int]:
+    """The new token ids for a prompt (list of ints). Stops at the model's EOS ids or stop_token_ids.
+    speculative: None (plain decoding), "ngram" (prompt lookup), "draft:PATH" (a smaller model
+    with the same tokenizer) or a `qwenkit.speculative.Proposer`."""
     return list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
-                                stop_token_ids, seed))
+                                stop_token_ids, seed, speculative))

@@ -1,0 +1,117 @@
+"""The speculative loop: propose, verify in one target call, keep what the target would have made,
+trim the cache back over the rest; and back off while proposals do not pay for themselves.
+
+A verify call of 1 + k tokens costs about (1 + alpha * k) one-token steps (alpha measured as it
+goes: ~0.3 for the default model's int8 step on a 2-core AVX-512 host, near 0 where decode is
+far from compute-bound). With each proposal kept with probability a (given the ones before it
+were), k proposals yield (1 - a^(k+1)) / (1 - a) tokens a call; `Lookahead` picks the k that
+maximizes tokens per unit of time, zero (a plain step) when none beats 1, and still tries one
+proposal every PROBE_EVERY plain steps so that a stretch where guessing pays again is noticed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from ..backends import cpu_kernels, decode_step, verify_step
+from .verify import accept
+
+MAX_PROPOSALS = min(8, cpu_kernels.MAX_ROWS - 1)  # the verify step takes up to MAX_ROWS tokens
+PROBE_EVERY = 8
+
+
+@dataclass
+class SpecStats:
+    """Counts over a generation: verify calls with proposals, tokens proposed and kept, plain steps."""
+    verify_calls: int = 0
+    proposed: int = 0
+    accepted: int = 0
+    plain_steps: int = 0
+
+    def add(self, proposed: int, kept: int) -> None:
+        if proposed:
+            self.verify_calls += 1
+            self.proposed += proposed
+            self.accepted += kept
+        else:
+            self.plain_steps += 1
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.proposed if self.proposed else 0.0
+
+    @property
+    def mean_accepted(self) -> float:
+        """Proposals kept per verify call (the call's own token not counted)."""
+        return self.accepted / self.verify_calls if self.verify_calls else 0.0
+
+
+class Lookahead:
+    """How many tokens to propose next, from the acceptance and step costs seen so far."""
+
+    def __init__(self, most: int = MAX_PROPOSALS, alpha: float = 0.3, rate: float = 0.7):
+        self.most, self.alpha, self.rate = most, alpha, rate
+        self.one_step: float | None = None  # seconds of a plain step (moving average)
+        self.since_probe = 0
+
+    def k(self) -> int:
+        def gain(k: int) -> float:
+            a = min(self.rate, 0.999)
+            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.alpha * k)
+        best = max(range(self.most + 1), key=gain)
+        if best == 0:
+            self.since_probe += 1
+            if self.since_probe >= PROBE_EVERY:
+                self.since_probe = 0
+                return 1
+        return best
+
+    def saw(self, proposed: int, kept: int, T: int, seconds: float) -> None:
+        """One call's outcome: `proposed` tokens offered, `kept` of them kept, T tokens in `seconds`."""
+        if proposed:  # per-proposal acceptance, as a moving average over about 8 proposals
+            tried = min(kept + 1, proposed)
+            for i in range(tried):
+                self.rate += 0.125 * ((i < kept) - self.rate)
+        if T == 1:
+            self.one_step = seconds if self.one_step is None else 0.8 * self.one_step + 0.2 * seconds
+        elif self.one_step:
+            alpha = max(seconds / self.one_step - 1, 0.0) / (T - 1)
+            self.alpha = 0.8 * self.alpha + 0.2 * alpha
+
+
+def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], max_tokens: int,
+                       stats: SpecStats | None = None) -> Iterator[int]:
+    """Tokens after seq.token_ids (whose last token is not yet in `cache`), appended to seq as
+    they are kept, until a stop token or seq holds max_tokens outputs."""
+    step, verify = decode_step(model), verify_step(model)
+    stats = stats if stats is not None else SpecStats()
+    look = Lookahead()
+    generator = None if seq.params.greedy else sampler.generator_for(seq)
+    while seq.num_output_tokens < max_tokens:
+        room = min(max_tokens - seq.num_output_tokens, cache.max_len - cache.length) - 1
+        start = time.perf_counter()
+        proposal = proposer.propose(seq, min(look.k(), room), generator)
+        ids = torch.tensor([seq.token_ids[-1:] + proposal.tokens], device=model.device)  # (1, T)
+        if proposal.tokens:
+            logits = verify(ids, cache=cache)[0]  # (T, V)
+        else:
+            logits = step(ids, cache=cache, logits_to_keep=1)[0]  # (1, V)
+        new = accept(logits, proposal, seq, sampler, stops, max_tokens)
+        kept = _common_prefix(new, proposal.tokens)  # a replaced token never equals its proposal
+        look.saw(len(proposal.tokens), kept, ids.shape[1], time.perf_counter() - start)
+        stats.add(len(proposal.tokens), kept)
+        cache.trim(ids.shape[1] - len(new))  # keeps the last token and the kept proposals
+        yield from new
+        if new[-1] in stops:
+            return
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    while n < len(a) and n < len(b) and a[n] == b[n]:
+        n += 1
+    return n
