@@ -32,7 +32,10 @@
 // stream, so streams and x rows per block share a budget of accumulator pairs: 4 for the integer
 // kernels (S * MB <= 4), 8 for the float ones, which give each pair one accumulator beyond 4.
 #define STREAMS(M) ((M) == 1 ? 4 : (M) == 2 ? 2 : 1)
-#define FLOAT_STREAMS(M) ((M) == 1 ? 4 : 2)
+// The float kernels' streams as the integer ones': S * MB <= 4 for every M, so every output is
+// summed in one order (two accumulators a pair) whatever the rows: a row's result does not depend
+// on the rows beside it (the speculative verify step's rows equal the one-token step's).
+#define FLOAT_STREAMS(M) STREAMS(M)
 
 // Runs ROWS(n, stride, S) for S in {4, 2, 1} (a literal, at most MAX_S) over rows [0, N) of W,
 // each call owning rows n + i * stride, i < S, and every row exactly once across the threads.

@@ -7,6 +7,7 @@ far from compute-bound). With each proposal kept with probability a (given the o
 were), k proposals yield (1 - a^(k+1)) / (1 - a) tokens a call; `Lookahead` picks the k that
 maximizes tokens per unit of time, zero (a plain step) when none beats 1, and still tries one
 proposal every PROBE_EVERY plain steps so that a stretch where guessing pays again is noticed.
+A seeded request keeps alpha fixed: k then depends on the tokens alone, so the seed fixes them.
 """
 
 from __future__ import annotations
@@ -53,8 +54,8 @@ class SpecStats:
 class Lookahead:
     """How many tokens to propose next, from the acceptance and step costs seen so far."""
 
-    def __init__(self, most: int = MAX_PROPOSALS, alpha: float = 0.3, rate: float = 0.7):
-        self.most, self.alpha, self.rate = most, alpha, rate
+    def __init__(self, most: int = MAX_PROPOSALS, alpha: float = 0.3, rate: float = 0.7, timed: bool = True):
+        self.most, self.alpha, self.rate, self.timed = most, alpha, rate, timed
         self.one_step: float | None = None  # seconds of a plain step (moving average)
         self.since_probe = 0
 
@@ -76,6 +77,8 @@ class Lookahead:
             tried = min(kept + 1, proposed)
             for i in range(tried):
                 self.rate += 0.125 * ((i < kept) - self.rate)
+        if not self.timed:
+            return
         if T == 1:
             self.one_step = seconds if self.one_step is None else 0.8 * self.one_step + 0.2 * seconds
         elif self.one_step:
@@ -89,7 +92,7 @@ def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], ma
     they are kept, until a stop token or seq holds max_tokens outputs."""
     step, verify = decode_step(model), verify_step(model)
     stats = stats if stats is not None else SpecStats()
-    look = Lookahead()
+    look = Lookahead(timed=seq.params.seed is None)  # timings would make a seeded request's draws vary
     generator = None if seq.params.greedy else sampler.generator_for(seq)
     while seq.num_output_tokens < max_tokens:
         room = min(max_tokens - seq.num_output_tokens, cache.max_len - cache.length) - 1

@@ -106,7 +106,10 @@ class DraftProposer:
         return self._feed(tokens[same:])
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
-        ids = torch.tensor([tokens], device=self.draft.device)
+        # A token past the draft's rows (the target's padding, drawn by chance) reads as id 0: the
+        # guesses after it are worse, never wrong, as verification decides what is kept.
+        rows = self.draft.config.vocab_size
+        ids = torch.tensor([[t if t < rows else 0 for t in tokens]], device=self.draft.device)
         run = self.step if len(tokens) == 1 else self.draft
         self.cached.extend(tokens)
         return run(ids, cache=self.cache, logits_to_keep=1)[0, -1].float().cpu()  # (V,)
