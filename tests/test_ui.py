@@ -195,6 +195,10 @@ def test_thinking_is_collapsed_and_tool_calls_shown(scripted_server, browser):
     ask(page, TOOL_ASK[0]["content"])
     page.wait_for_selector("body[data-state=idle]")
     assert page.locator(".tool").inner_text() == 'get_weather({"city": "Paris"})'
+    settings(page, max_tokens=8, temperature=0)
+    ask(page, "Thanks")  # the history now holds the assistant's tool call: the server takes it back
+    page.wait_for_selector("body[data-state=idle]")
+    assert stored_chat(page)["messages"][-1].get("note", "").startswith("stopped at the token limit")
     page.close()
 
 
