@@ -20,12 +20,13 @@ from .block_manager import BlockManager
 from .memory import plan_num_blocks
 from .output import IncrementalText, RequestOutput
 from .runner import ModelRunner
-from .sampler import Sample
+from .sampler import Sample, Sampler
 from .sampling_params import SamplingParams
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .settings import EngineSettings
 from .stats import EngineStats
+from .structured import Guidance
 
 
 class Engine:
@@ -39,7 +40,10 @@ class Engine:
                                    model.eos_token_ids, self.max_model_len)
         # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
         self.adapters = AdapterSet(model, settings.max_loras, settings.max_lora_rank) if settings.max_loras else None
-        self.runner = ModelRunner(model, num_blocks, settings.block_size, adapters=self.adapters)
+        # structured outputs and thinking budgets (grammars need the tokenizer's vocabulary)
+        self.guidance = Guidance(tokenizer, self.vocab_size, model.eos_token_ids) if tokenizer is not None else None
+        self.runner = ModelRunner(model, num_blocks, settings.block_size, Sampler(guidance=self.guidance),
+                                  adapters=self.adapters)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
@@ -67,6 +71,10 @@ class Engine:
             raise RequestError(f"prompt + max_tokens needs more than the {self.num_context_tokens} tokens of KV cache")
         if params.stop and self.tokenizer is None:
             raise RequestError("stop strings need an engine with a tokenizer")
+        if params.structured is not None or params.thinking_budget is not None:
+            if self.guidance is None:
+                raise RequestError("structured outputs and thinking budgets need an engine with a tokenizer")
+            self.guidance.check(params)  # compiles the grammar (cached): a 400 naming what is wrong
 
     def adapter(self, name: str) -> Adapter:
         """The loaded LoRA adapter called `name` (RequestError naming it when there is none)."""

@@ -1,8 +1,10 @@
 """The sampler: next tokens for a batch of sequences from their logits, each with its own settings.
 
 Order of operations: logprobs are taken from the model's own distribution (raw logits); then
-repetition / presence / frequency penalties and logit bias; then greedy rows take the argmax and
-the others go through temperature, top-k, min-p and top-p, and draw from what is left. A request
+repetition / presence / frequency penalties and logit bias; then a guided row (structured output,
+thinking budget: `structured.Guide`) loses the tokens its grammar forbids, or takes the token its
+guide forces; then greedy rows take the argmax and the others go through temperature, top-k,
+min-p and top-p, and draw from what is left. A guided row changes no other row's tokens. A request
 with a seed draws from its own generator, so its tokens do not depend on what it is batched with;
 one without draws from the sampler's generator (torch's global one unless the sampler has a seed).
 It serves both the engine (a batch of `Sequence`s) and `qwenkit.generate` (one `TokenSequence`).
@@ -15,8 +17,10 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import RequestError
 from .sampling_params import SamplingParams
 from .sequence import TokenSequence
+from .structured import Guide, Guidance, allowed_tokens
 
 
 @dataclass
@@ -27,13 +31,16 @@ class Sample:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None):
+    def __init__(self, seed: int | None = None, guidance: Guidance | None = None):
         # None: torch's global generator, so unseeded requests differ run to run (torch.manual_seed fixes them)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.request_generators: dict[int, torch.Generator] = {}
+        self.guidance = guidance  # grammars and thinking budgets; None: requests may not ask for them
+        self.guides: dict[int, Guide] = {}
 
     def release(self, seq: TokenSequence) -> None:
         self.request_generators.pop(seq.seq_id, None)
+        self.guides.pop(seq.seq_id, None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> list[Sample]:
         """logits (B, V) for the B sequences, on any device; returns one Sample per sequence."""
@@ -42,12 +49,48 @@ class Sampler:
         logits = logits.clone()
         for i, seq in enumerate(seqs):
             apply_penalties(logits[i], seq)
+        forced = self._guide(logits, seqs)
         tokens = logits.argmax(-1)  # (B,)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if random_rows:
+        if random_rows:  # forced rows draw too, so the shared generator advances as without them
             drawn = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
             tokens[random_rows] = drawn
+        for i, token in forced.items():
+            tokens[i] = token
         return [self._sample(raw[i], int(tokens[i]), seq.params) for i, seq in enumerate(seqs)]
+
+    def _guide(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> dict[int, int]:
+        """Apply each guided row's constraint to logits (B, V) in place; {row: forced token}."""
+        forced, masked = {}, []
+        for i, seq in enumerate(seqs):
+            guide = self._guide_of(seq)
+            if guide is None:
+                continue
+            token = guide.forced_token()
+            if token is not None:
+                forced[i] = token
+            elif guide.masked:
+                masked.append((i, guide))
+            elif guide.banned():
+                logits[i, guide.banned()] = float("-inf")
+        if masked:
+            bits = torch.zeros(len(masked), (logits.shape[-1] + 31) // 32, dtype=torch.int32)  # (R, W)
+            for k, (_, guide) in enumerate(masked):
+                guide.fill(bits[k])
+            rows = torch.tensor([i for i, _ in masked])
+            logits[rows] = logits[rows].masked_fill(~allowed_tokens(bits, logits.shape[-1]), float("-inf"))
+        return forced
+
+    def _guide_of(self, seq: TokenSequence) -> Guide | None:
+        if seq.params.structured is None and seq.params.thinking_budget is None:
+            return None
+        guide = self.guides.get(seq.seq_id)
+        if guide is None:
+            if self.guidance is None:
+                raise RequestError("structured outputs and thinking budgets need the engine (with a tokenizer)")
+            guide = self.guides[seq.seq_id] = self.guidance.guide(seq)
+        guide.sync(seq)
+        return guide
 
     def _draw(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> torch.Tensor:
         """Random tokens (R,) from logits (R, V) after temperature, top-k, min-p and top-p."""

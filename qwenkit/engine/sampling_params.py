@@ -12,6 +12,10 @@ Qwen's recommended settings (from the model cards):
 
 `SamplingParams.qwen_recommended(thinking=...)` returns the Qwen3 rows (add
 repetition_penalty=1.05 for Qwen2.5). docs/serving.md has the same table.
+
+`structured` (a `StructuredOutputs`) constrains the answer to a JSON schema, any JSON object, a
+regex, one of a list of strings, or a Lark / GBNF grammar; `thinking_budget` caps a thinking
+model's reasoning in tokens. The engine enforces both (engine/structured.py).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k >= 0: the chosen token's logprob and the top k
     skip_special_tokens: bool = True
+    structured: "StructuredOutputs | None" = None  # the answer follows this grammar
+    thinking_budget: int | None = None  # reasoning tokens before the thought is closed for it
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
@@ -62,6 +68,36 @@ class SamplingParams:
     def qwen_recommended(cls, thinking: bool = False, **changes) -> "SamplingParams":
         base = dict(temperature=0.6, top_p=0.95, top_k=20) if thinking else dict(temperature=0.7, top_p=0.8, top_k=20)
         return cls(**{**base, **changes})
+
+
+@dataclass(frozen=True)
+class StructuredOutputs:
+    """What the answer must be: exactly one of a JSON schema (`json`, a dict or its JSON text),
+    any JSON object (`json_object`), a regex, one of `choice`, or a `grammar` (Lark; GBNF when it
+    uses `::=`). `strict`: a schema keyword the library cannot enforce is an error, not ignored."""
+    json: dict | str | None = None
+    json_object: bool = False
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    strict: bool = False
+    origin: str | None = field(default=None, compare=False)  # the field errors name (the server's)
+
+    def __post_init__(self):
+        if self.choice is not None:
+            object.__setattr__(self, "choice", _as_tuple(self.choice, str, "choice"))
+            if not self.choice:
+                raise RequestError("choice must list at least one string")
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise RequestError("structured outputs take exactly one of json, json_object, regex, choice, "
+                               f"grammar (got {', '.join(given) or 'none'})")
+
+    @property
+    def kind(self) -> str:
+        return next(k for k in ("json", "regex", "choice", "grammar", "json_object")
+                    if getattr(self, k) not in (None, False))
 
 
 def _as_tuple(value, kind, name: str) -> tuple:
@@ -95,6 +131,10 @@ def _check(p: SamplingParams) -> None:
         (p.seed is None or _is_int(p.seed) and -2**63 <= p.seed < 2**64, "seed must be an integer in [-2**63, 2**64)"),
         (p.logprobs is None or 0 <= p.logprobs <= MAX_TOP_LOGPROBS, f"logprobs must be in [0, {MAX_TOP_LOGPROBS}]"),
         (all(s for s in p.stop), "stop strings must not be empty"),
+        (p.thinking_budget is None or _is_int(p.thinking_budget) and p.thinking_budget >= 0,
+         "thinking_budget must be an integer >= 0"),
+        (p.structured is None or isinstance(p.structured, StructuredOutputs),
+         "structured must be a StructuredOutputs"),
     ]
     for ok, message in rules:
         if not ok:
