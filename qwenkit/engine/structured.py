@@ -30,6 +30,7 @@ from .sampling_params import SamplingParams, StructuredOutputs
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
 CLOSE_THINKING = ("\n\nConsidering the limited time by the user, I have to give the solution based on the "
                   "thinking directly now.\n</think>\n\n")
+ASSISTANT_HEADER = "<|im_start|>assistant\n"  # where Qwen's chat template leaves the model to answer
 MAX_CACHED_GRAMMARS = 256
 # Whitespace between JSON tokens is free (models indent), but bounded: a small model that loops on
 # newlines must still reach the end of the object. A schema's "x-guidance" can override it.
@@ -46,6 +47,7 @@ class Guidance:
         self.think_close = tokenizer.special_tokens.get(THINK_CLOSE)
         self.thinks = self.think_open is not None and self.think_close is not None
         self.close_ids = tokenizer.encode(CLOSE_THINKING) if self.thinks else []
+        self.assistant_header = tokenizer.encode(ASSISTANT_HEADER) if "<|im_start|>" in tokenizer.special_tokens else []
         self._lock = threading.Lock()
         self._compiled: OrderedDict[str, object] = OrderedDict()  # key -> a matcher at its start
         self._ll_tokenizer = None
@@ -105,14 +107,16 @@ class Guidance:
         return Guide(self, matcher, self.first_phase(seq.token_ids[:seq.num_prompt_tokens]), p)
 
     def first_phase(self, prompt_ids: list[int]) -> str:
-        """"reasoning" if the prompt left `<think>` open, "answer" if it just closed it (thinking
-        turned off), else "start"."""
+        """"reasoning" if the prompt left `<think>` open; "start" if it ends with the chat template's
+        assistant header (the model may open a thought); else "answer" (a raw completion, or
+        thinking turned off: the prompt closed the thought itself)."""
         if not self.thinks:
             return "answer"
         opened, closed = _last_index(prompt_ids, self.think_open), _last_index(prompt_ids, self.think_close)
         if opened > closed:
             return "reasoning"
-        return "answer" if closed >= 0 and closed >= len(prompt_ids) - 8 else "start"
+        header = self.assistant_header
+        return "start" if header and prompt_ids[-len(header):] == header else "answer"
 
 
 def grammar_text(spec: StructuredOutputs) -> str:

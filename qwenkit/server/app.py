@@ -44,8 +44,9 @@ class ApiError(HTTPException):
 
 def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | None = None,
               max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES, allow_runtime_lora: bool = False,
-              ui: bool = True) -> FastAPI:
-    """The app for a started AsyncEngine; routes share the engine and tokenizer."""
+              ui: bool = True, reasoning_budget: int | None = None) -> FastAPI:
+    """The app for a started AsyncEngine; routes share the engine and tokenizer.
+    `reasoning_budget`: the thinking_budget of requests that set none."""
     app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
     _install_error_handlers(app)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
@@ -97,7 +98,10 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                                              add_generation_prompt=True, tokenize=True, tools=tools,
                                              **req.template_kwargs())
         max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
-        params = req.sampling_params(max_tokens, req.num_logprobs())
+        if req.forces_call and tool_calls != "json":  # the grammar writes Qwen's JSON form only, so far
+            raise RequestError(f"tool_choice: enforcing a call in the {tool_calls} tool-call form is not supported yet")
+        params = req.sampling_params(max_tokens, req.num_logprobs(), tokenizer.special_tokens, reasoning_budget)
+        await asyncio.to_thread(engine.engine.validate, prompt_ids, params)  # compiles a grammar off the loop
         streams = choices.submit(engine, prompt_ids, params, req.num_choices(), adapter)
         reply = Reply("chat", req.model, tokenizer, len(prompt_ids))
         replies = [reply.for_choice(k) for k in range(len(streams))]
@@ -115,7 +119,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
         adapter = check_model(req.model)
         prompt = req.prompt_input()
         prompt_ids = await asyncio.to_thread(tokenizer.encode, prompt) if isinstance(prompt, str) else list(prompt)
-        params = req.sampling_params(req.max_tokens, req.logprobs)
+        params = req.sampling_params(req.max_tokens, req.logprobs, tokenizer.special_tokens)
+        await asyncio.to_thread(engine.engine.validate, prompt_ids, params)  # compiles a grammar off the loop
         streams = choices.submit(engine, prompt_ids, params, req.num_choices(), adapter)
         reply = Reply("text", req.model, tokenizer, len(prompt_ids))
         replies = [reply.for_choice(k) for k in range(len(streams))]
@@ -210,6 +215,8 @@ def parser(prog: str):
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     adapters.add_flags(p)
     p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
+    p.add_argument("--reasoning-budget", type=int, default=None,
+                   help="thinking_budget (reasoning tokens) of requests that set none (default: no limit)")
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -222,6 +229,8 @@ def checked_flags(args):
 
     if args.tensor_parallel_size < 1 or (args.threads is not None and args.threads < 1):
         raise ConfigError("--tensor-parallel-size and --threads must be >= 1")
+    if args.reasoning_budget is not None and args.reasoning_budget < 0:
+        raise ConfigError(f"--reasoning-budget {args.reasoning_budget}: must be >= 0")
     max_request_bytes = parse_size(args.max_request_bytes)
     if max_request_bytes < 1:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1 byte")
@@ -305,7 +314,8 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
         print(f"{prog}: {lora}", flush=True)
     async_engine = AsyncEngine(engine).start()
     app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"),
-                    max_request_bytes, args.allow_runtime_lora, ui=not args.no_ui)
+                    max_request_bytes, args.allow_runtime_lora, ui=not args.no_ui,
+                    reasoning_budget=args.reasoning_budget)
     page = "" if args.no_ui else f"; chat page at http://{args.host}:{args.port}/"
     print(f"{prog}: serving on http://{args.host}:{args.port}/v1{page}", flush=True)
     try:

@@ -6,7 +6,10 @@ levels anywhere in a body is refused before it reaches the chat template. Values
 are refused by SamplingParams (RequestError, HTTP 400). Unknown fields are ignored, as OpenAI's
 API does.
 Extensions in vLLM's spelling: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
-skip_special_tokens, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3).
+skip_special_tokens, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3),
+structured_outputs, thinking_budget. `response_format`, `structured_outputs` and `tool_choice`
+become the engine's constraint in server/constraints.py; their own fields are checked strictly
+(an unknown key inside them is a 400).
 """
 
 from __future__ import annotations
@@ -17,8 +20,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..engine.sampling_params import SamplingParams
+from ..engine.sampling_params import SamplingParams, StructuredOutputs
 from ..errors import RequestError
+from . import constraints
 
 
 # Deep enough for real JSON schemas; shallow enough that the recursive walks downstream
@@ -36,6 +40,31 @@ class Strict(BaseModel):
 
 class StreamOptions(Strict):
     include_usage: bool = False
+
+
+class Exact(Strict):
+    """Strict, and a key it does not know is an error (a misspelt constraint must not be dropped)."""
+    model_config = ConfigDict(extra="forbid", populate_by_name=True)
+
+
+class JsonSchemaFormat(Exact):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(Exact):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsField(Exact):
+    json_: dict[str, Any] | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
 
 
 class SamplingFields(Strict):
@@ -61,6 +90,9 @@ class SamplingFields(Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsField | None = None
+    thinking_budget: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -71,18 +103,34 @@ class SamplingFields(Strict):
                                       {"path": path, "limit": MAX_DEPTH})
         return data
 
-    def sampling_params(self, max_tokens: int, logprobs: int | None) -> SamplingParams:
+    def sampling_params(self, max_tokens: int, logprobs: int | None, special_tokens: dict[str, int] | None = None,
+                        thinking_budget: int | None = None) -> SamplingParams:
+        """The engine's settings; `special_tokens` (the tokenizer's) shape tool-call grammars,
+        `thinking_budget` is the server's default for requests that set none."""
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
             raise RequestError("logit_bias keys must be token ids") from None
-        return SamplingParams(
+        special_tokens = special_tokens or {}
+        settings = dict(
             max_tokens=max_tokens, temperature=1.0 if self.temperature is None else self.temperature,
             top_p=1.0 if self.top_p is None else self.top_p, top_k=self.top_k or 0, min_p=self.min_p or 0.0,
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens)
+            skip_special_tokens=self.skip_special_tokens, structured=self.constraint(special_tokens),
+            thinking_budget=self.thinking_budget if self.thinking_budget is not None else thinking_budget)
+        return SamplingParams(**{**settings, **self.stop_changes(special_tokens)})
+
+    def constraint(self, special_tokens: dict[str, int]) -> StructuredOutputs | None:
+        fmt = constraints.from_response_format(self.response_format)
+        so = constraints.from_structured_outputs(self.structured_outputs)
+        if fmt and so:
+            raise RequestError("response_format and structured_outputs: give one of them")
+        return fmt or so
+
+    def stop_changes(self, special_tokens: dict[str, int]) -> dict:
+        return {}
 
     def num_choices(self) -> int:
         """n, checked; best_of is refused as vLLM refuses it (n samples are returned, none ranked away)."""
@@ -145,12 +193,36 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: Int64 | None = None
     tools: list[Tool] | None = None
     tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def constraint(self, special_tokens: dict[str, int]) -> StructuredOutputs | None:
+        """response_format / structured_outputs, or the grammar of a forced tool call."""
+        answer = super().constraint(special_tokens)
+        if not self.forces_call:
+            return answer
+        if answer is not None:
+            raise RequestError("tool_choice: a forced tool call cannot be combined with response_format "
+                               "or structured_outputs")
+        return constraints.tool_call_grammar(self.template_tools(), special_tokens, self.parallel_tool_calls is not False)
+
+    def stop_changes(self, special_tokens: dict[str, int]) -> dict:
+        if self.parallel_tool_calls is not False or not self.tools or self.tool_choice == "none" or self.forces_call:
+            return {}
+        changes = constraints.one_call_stop(special_tokens)
+        return {"stop_token_ids": [*(self.stop_token_ids or []), *changes.get("stop_token_ids", [])],
+                "stop": [*_as_list(self.stop), *changes.get("stop", [])]}
+
+    @property
+    def forces_call(self) -> bool:
+        return self.tool_choice == "required" or isinstance(self.tool_choice, NamedToolChoice)
 
     def template_messages(self) -> list[dict]:
         return [_template_message(m, i) for i, m in enumerate(self.messages)]
 
     def template_tools(self) -> list[dict] | None:
+        if self.forces_call and not self.tools:
+            raise RequestError("tool_choice: a tool call is required, but the request offers no tools")
         if not self.tools or self.tool_choice == "none":
             return None
         tools = [t.model_dump(exclude_none=True) for t in self.tools]
@@ -190,6 +262,10 @@ class CompletionRequest(SamplingFields):
         if self.echo:
             raise RequestError("echo is not supported")
         return p
+
+
+def _as_list(stop) -> list[str]:
+    return [] if stop is None else [stop] if isinstance(stop, str) else list(stop)
 
 
 def _template_message(m: ChatMessage, index: int) -> dict:
