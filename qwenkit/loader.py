@@ -2,11 +2,14 @@
 
 The model is built on the meta device (no memory), given uninitialised storage in the target
 dtype once, and filled tensor by tensor from the checkpoint, so loading never holds a second
-full copy of the weights.
+full copy of the weights. A multimodal checkpoint loads its language model: the vision tower is
+skipped with a one-line notice; multi-token-prediction (MTP) weights are kept aside on the model
+as `model.mtp_weights` (name -> tensor, as stored), for speculative decoding.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +22,8 @@ from .backends.quant import QuantizeOnLoad, check_scheme
 from .backends.quant import quantize as quantize_model
 from .model.qwen import QwenForCausalLM
 from .model.weight_map import load_tensors
+
+log = logging.getLogger("qwenkit.loader")
 
 
 def build_model(cfg: QwenConfig, dtype=torch.float32, device="cpu") -> QwenForCausalLM:
@@ -65,7 +70,11 @@ def load_model(path_or_id: str | Path | None = None, dtype: str | torch.dtype = 
 
         tensors = tqdm(tensors, desc="loading weights", unit=" tensors", leave=False)
     on_load = QuantizeOnLoad(model, quantize) if quantize and adapter is None else None
-    load_tensors(model, tensors, ckpt.source, on_filled=on_load, take=on_load.take if on_load else None)
+    left = load_tensors(model, tensors, ckpt.source, on_filled=on_load, take=on_load.take if on_load else None)
+    if left.vision_skipped:
+        log.warning("qwenkit: %s: skipped the vision tower (%d tensors); loaded the language model only",
+                    ckpt.source, left.vision_skipped)
+    model.mtp_weights = left.mtp
     model.source = ckpt.source
     if adapter is not None:
         from .model.lora import apply_adapter

@@ -40,8 +40,10 @@ def auto_plan(device, stored: str) -> tuple[torch.dtype, str | None]:
 
 
 def choose(model) -> str:
-    """The backend for a model as it is now (device, dtype) on this host."""
-    if model.device.type != "cpu" or cpu_kernels.kernels() is None:
+    """The backend for a model as it is now (device, dtype) on this host. Hybrid models (Gated
+    DeltaNet layers, partial rotary, zero-centred norms) run the plain modules: the C forms and
+    the fused step are written for the attention-only layer."""
+    if model.device.type != "cpu" or cpu_kernels.kernels() is None or model.config.is_hybrid:
         return "torch"
     return {torch.float32: "cpu-kernels", torch.bfloat16: "cpu-attention"}.get(model.dtype, "torch")
 

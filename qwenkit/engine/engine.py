@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 
-from ..errors import RequestError
+from ..errors import ConfigError, RequestError
 from ..model.multi_lora import Adapter, AdapterSet
 from .block_manager import BlockManager
 from .memory import plan_num_blocks
@@ -31,6 +31,9 @@ from .structured import Guidance
 
 class Engine:
     def __init__(self, model, settings: EngineSettings = EngineSettings(), tokenizer=None):
+        if model.config.is_hybrid:
+            raise ConfigError(f"the batching engine does not run hybrid models ({model.config.model_type}: "
+                              "Gated DeltaNet layers) yet; use `qwenkit generate` or `qwenkit chat`")
         self.model, self.settings, self.tokenizer = model, settings, tokenizer
         self.max_model_len = min(settings.max_model_len or model.config.context_length, model.config.context_length)
         self.vocab_size = model.config.vocab_size

@@ -1,6 +1,7 @@
 """Grouped-query attention: one forward for training, generation and cached decoding.
 
-Q, K and V come from one fused projection. GQA never repeats K/V: PyTorch's SDPA takes
+Q, K and V come from one fused projection; in the hybrid models' gated attention the Q part
+holds, per head, the query and an output gate (out * sigmoid(gate) before o_proj). GQA never repeats K/V: PyTorch's SDPA takes
 n_kv < n_heads directly (`enable_gqa`), and its CPU flash kernel reads each KV head once. With a
 cache, the cache stores the new K/V and hands its storage to the attention op (`model/cache.py`);
 without one, the op attends over the call's own tokens.
@@ -12,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import RMSNorm
+from .layers import make_norm
 from .rope import Rotary
 
 
@@ -41,11 +42,12 @@ class Attention(nn.Module):
         self.layer_idx = layer_idx
         self.n_heads, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         q_size, kv_size = self.n_heads * self.head_dim, self.n_kv * self.head_dim
-        self.split = (q_size, kv_size, kv_size)
-        self.qkv_proj = nn.Linear(cfg.hidden_size, q_size + 2 * kv_size, bias=cfg.qkv_bias)
+        self.gated = cfg.attn_output_gate
+        self.split = ((2 if self.gated else 1) * q_size, kv_size, kv_size)
+        self.qkv_proj = nn.Linear(cfg.hidden_size, sum(self.split), bias=cfg.qkv_bias)
         self.o_proj = nn.Linear(q_size, cfg.hidden_size, bias=cfg.o_bias)
-        self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps) if cfg.qk_norm else None
+        self.q_norm = make_norm(cfg, self.head_dim) if cfg.qk_norm else None
+        self.k_norm = make_norm(cfg, self.head_dim) if cfg.qk_norm else None
         self.rotary = Rotary()
         self.sdpa = SDPA()
 
@@ -53,7 +55,10 @@ class Attention(nn.Module):
         """x (B, T, H); cos/sin (B, T, 1, D); mask: None (plain causal) or bool (B, 1, T, S)."""
         B, T, _ = x.shape
         q, k, v = self.qkv_proj(x).split(self.split, dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim)  # (B, T, nh, D)
+        gate = None
+        if self.gated:  # per head [query | gate]
+            q, gate = q.view(B, T, self.n_heads, 2 * self.head_dim).chunk(2, dim=-1)  # (B, T, nh, D) each
+        q = q.reshape(B, T, self.n_heads, self.head_dim)  # (B, T, nh, D)
         k = k.view(B, T, self.n_kv, self.head_dim)  # (B, T, n_kv, D)
         v = v.view(B, T, self.n_kv, self.head_dim)
         if self.q_norm is not None:
@@ -64,4 +69,7 @@ class Attention(nn.Module):
             out = self.sdpa(q, k, v, mask)
         else:
             out = cache.attend(self.layer_idx, q, k, v, mask, self.sdpa)
-        return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))  # (B, T, H)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, nh * D)
+        if gate is not None:
+            out = out * torch.sigmoid(gate.reshape(B, T, -1))
+        return self.o_proj(out)  # (B, T, H)

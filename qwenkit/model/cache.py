@@ -12,10 +12,14 @@ The model never asks what kind of cache it has. In one forward call it asks the 
 
 `trim(n)` forgets the last n tokens stored (a speculative step's rejected proposals).
 
+A hybrid model's recurrent (Gated DeltaNet) layers call no `attend`: they ask `read_state(layer)`
+for their rows' states and hand the new ones to `write_state(layer, conv, state)`.
+
 Kernels that walk the storage themselves (the fused decode step) ask `slots()`: a `SlotMap`
 saying where each row's positions live. Implementations: `KVCache` here (one preallocated
-buffer a batch: `generate`, `bench`), `engine.kv_cache.PagedKVCache` (the engine's pool of
-blocks); the recurrent state of hybrid models is to be a third.
+buffer a batch: `generate`, `bench`), `HybridCache` here (a hybrid model's batch: a `KVCache` for
+its attention layers and the recurrent states of the others), `engine.kv_cache.PagedKVCache`
+(the engine's pool of blocks; the engine does not run hybrid models yet).
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from .masks import causal_masks, positions_of
+from .masks import layer_masks, positions_of
 
 
 @dataclass
@@ -73,28 +77,40 @@ class Cache(Protocol):
     def slots(self) -> SlotMap:
         """Where this call's rows read and write, for kernels that walk the storage."""
 
+    def read_state(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """A recurrent layer's state for the call's rows: (the convolution's last inputs
+        (B, C, K-1), the delta-rule state (B, heads, d_k, d_v) float32). Hybrid caches only."""
+
+    def write_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
+        """Replace a recurrent layer's state by the one after this call's tokens."""
+
 
 class KVCache:
     """A preallocated cache for a batch: k and v of shape (layers, B, n_kv, max_len, D); `length`
     slots are written. Row b's slot j holds its j-th token, padding included (left padding is
-    masked by `begin` through the attention mask)."""
+    masked by `begin` through the attention mask). `layers`: the model layers that store K/V
+    (default all), kept in that order."""
 
-    def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
-        shape = (cfg.num_hidden_layers, batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
+    def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu", layers=None):
+        layers = range(cfg.num_hidden_layers) if layers is None else layers
+        self.index = {layer: i for i, layer in enumerate(layers)}
+        shape = (len(self.index), batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
         self.k = torch.empty(shape, dtype=dtype, device=device)
         self.v = torch.empty(shape, dtype=dtype, device=device)
         self.max_len = max_len
         self.length = 0
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
+        self.linear = [cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers)]
 
     def begin(self, attention_mask, T: int):
         if self.length + T > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} tokens; {self.length + T} needed")
         device = self.k.device
         return (positions_of(attention_mask, self.length, T, device),
-                causal_masks(attention_mask, self.length, T, self.windows, device))
+                layer_masks(attention_mask, self.length, T, self.windows, self.linear, device))
 
     def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
+        layer = self.index[layer]
         end = self.length + k.shape[2]
         self.k[layer, :, :, self.length : end] = k
         self.v[layer, :, :, self.length : end] = v
@@ -112,3 +128,52 @@ class KVCache:
         _, B, n_kv, L, D = self.k.shape
         write_at = torch.full((B,), self.length, dtype=torch.int64)
         return SlotMap(self.k, self.v, B * n_kv * L * D, n_kv * L * D, L * D, D, write_at, self.length + 1)
+
+
+class HybridCache:
+    """A hybrid model's past for a batch: a `KVCache` over its attention layers, and per recurrent
+    layer the rows' convolution inputs (layers, B, C, K-1) in the model dtype and delta-rule
+    states (layers, B, heads, d_k, d_v) in float32 (accumulated in float32 under bf16 weights).
+
+    A recurrent state cannot step back: `trim(n > 0)` raises NotImplementedError (speculative
+    rollback would need a snapshot of the state per proposed token; none is kept)."""
+
+    def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
+        self.kv = KVCache(cfg, batch, max_len, dtype, device, layers=cfg.attention_layers)
+        linear = [i for i in range(cfg.num_hidden_layers) if cfg.is_linear_layer(i)]
+        self.index = {layer: i for i, layer in enumerate(linear)}
+        conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
+        n = len(self.index)
+        self.conv = torch.zeros(n, batch, conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
+        self.state = torch.zeros(n, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                 cfg.linear_value_head_dim, dtype=torch.promote_types(dtype, torch.float32),
+                                 device=device)
+
+    @property
+    def length(self) -> int:
+        return self.kv.length
+
+    def begin(self, attention_mask, T: int):
+        return self.kv.begin(attention_mask, T)
+
+    def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
+        return self.kv.attend(layer, q, k, v, mask, sdpa)
+
+    def read_state(self, layer: int):
+        i = self.index[layer]
+        return self.conv[i], self.state[i]
+
+    def write_state(self, layer: int, conv, state) -> None:
+        i = self.index[layer]
+        self.conv[i].copy_(conv)
+        self.state[i].copy_(state)
+
+    def end(self, T: int) -> None:
+        self.kv.end(T)
+
+    def trim(self, n: int) -> None:
+        if n:
+            raise NotImplementedError("a hybrid model's recurrent state cannot forget tokens (no snapshots are kept)")
+
+    def slots(self) -> SlotMap:
+        raise NotImplementedError("no kernel walks a hybrid cache's storage")

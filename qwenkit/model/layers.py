@@ -1,4 +1,5 @@
-"""Building blocks: RMSNorm, the SwiGLU MLP (gate and up fused) and the mixture-of-experts block.
+"""Building blocks: RMSNorm (plain and zero-centred), the SwiGLU MLP (gate and up fused) and the
+mixture-of-experts block.
 
 Parameters are created empty; weights always come from a checkpoint or an explicit init
 (`QwenForCausalLM.init_weights`). Expert weights are stored stacked, one tensor per projection.
@@ -25,6 +26,27 @@ class RMSNorm(nn.Module):
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
+
+
+class CenteredRMSNorm(nn.Module):
+    """RMSNorm whose weight is stored zero-centred, x_hat * (1 + w), in float32 throughout (the
+    hybrid models' norms; their reference rounds once, at the end)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        acc = torch.promote_types(x.dtype, torch.float32)  # float32 at least (float64 stays)
+        h = x.to(acc)
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (h * (1.0 + self.weight.to(acc))).to(x.dtype)
+
+
+def make_norm(cfg, dim: int) -> nn.Module:
+    """The model's RMSNorm over `dim` features: zero-centred where the config says so."""
+    return (CenteredRMSNorm if cfg.centered_norm else RMSNorm)(dim, cfg.rms_norm_eps)
 
 
 class GatedActivation(nn.Module):
@@ -100,7 +122,7 @@ class SparseMoE(nn.Module):
             self.shared_expert_gate = nn.Linear(cfg.hidden_size, 1, bias=False)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.float32)  # (N, E)
+        probs = F.softmax(self.gate(x), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32))  # (N, E)
         top_w, top_idx = torch.topk(probs, self.top_k, dim=-1)  # (N, k)
         if self.norm_topk_prob:
             top_w = top_w / top_w.sum(dim=-1, keepdim=True)

@@ -1,5 +1,8 @@
 """Positions and attention masks: the one builder behind the model, the static cache and the engine.
 
+A hybrid model's linear-attention (recurrent) layers take no attention mask: their entry in the
+per-layer list is which of the call's tokens are real (bool (B, T)), or None when all are.
+
 A query at slot q sees key slot j when j <= q, when j is a real token (not padding), and, in a
 sliding-window layer of width w, when q - j < w. A query always sees its own slot, so rows of
 padding stay finite instead of NaN. Windows are per layer, so masks come as a list per layer
@@ -42,3 +45,16 @@ def slot_masks(q_slot: torch.Tensor, S: int, windows: list, valid: torch.Tensor 
     own = dist == 0
     by_window = {w: ((seen if w is None else seen & (dist < w)) | own)[:, None] for w in set(windows)}
     return [by_window[w] for w in windows]
+
+
+def layer_masks(attention_mask: torch.Tensor | None, past: int, T: int, windows: list, linear: list,
+                device) -> list:
+    """`causal_masks`, with each recurrent layer's (`linear[i]`) entry replaced by the call's
+    real-token mask (B, T) or None."""
+    masks = causal_masks(attention_mask, past, T, windows, device)
+    if not any(linear):
+        return masks
+    real = None if attention_mask is None else attention_mask[:, -T:].bool()
+    if real is not None and bool(real.all()):
+        real = None
+    return [real if lin else m for m, lin in zip(masks, linear)]

@@ -1,7 +1,11 @@
-"""The Qwen decoder (Qwen1.5/2/2.5, Qwen3, and both MoE lines) in one module, chosen by config flags.
+"""The Qwen decoder (Qwen1.5/2/2.5, Qwen3, both MoE lines, and the hybrid Qwen3-Next / Qwen3.5)
+in one module, chosen by config flags.
 
 qkv_bias (Qwen2.x), qk_norm (Qwen3), sparse MoE layers with or without a shared expert
-(qwen2_moe / qwen3_moe), tied or untied embeddings. Parameter names follow the Hugging Face
+(qwen2_moe / qwen3_moe / qwen3_next / qwen3_5_moe_text), tied or untied embeddings. The hybrids
+are a layer kind: layers whose `layer_types` entry is "linear_attention" mix tokens with a Gated
+DeltaNet (`deltanet.py`) instead of attention; their attention gates its output and rotates part
+of each head (`attn_output_gate`, partial rotary) and their norms are zero-centred (`centered_norm`). Parameter names follow the Hugging Face
 layout except for the fused projections (qkv_proj, gate_up_proj); `weight_map.py` maps
 checkpoint names onto them.
 """
@@ -13,25 +17,32 @@ from torch import nn
 
 from ..config import QwenConfig
 from .attention import Attention
-from .cache import KVCache
-from .layers import GatedMLP, RMSNorm, SparseMoE
-from .masks import causal_masks, positions_of
+from .cache import HybridCache, KVCache
+from .deltanet import GatedDeltaNet
+from .layers import CenteredRMSNorm, GatedMLP, SparseMoE, make_norm
+from .masks import layer_masks, positions_of
 from .rope import Rope
 
 
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: QwenConfig, layer_idx: int):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = make_norm(cfg, cfg.hidden_size)
+        self.is_linear = cfg.is_linear_layer(layer_idx)
+        if self.is_linear:
+            self.linear_attn = GatedDeltaNet(cfg, layer_idx)
+        else:
+            self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = make_norm(cfg, cfg.hidden_size)
         if cfg.is_sparse_layer(layer_idx):
             self.mlp = SparseMoE(cfg)
         else:
             self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, cfg.hidden_act)
 
     def forward(self, x, cos, sin, mask, cache=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        """mask: the attention mask, or for a recurrent layer the real-token mask (`model/masks.py`)."""
+        h = self.input_layernorm(x)
+        x = x + (self.linear_attn(h, mask, cache) if self.is_linear else self.self_attn(h, cos, sin, mask, cache))
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -40,7 +51,7 @@ class QwenBackbone(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = make_norm(cfg, cfg.hidden_size)
 
 
 class QwenForCausalLM(nn.Module):
@@ -60,9 +71,10 @@ class QwenForCausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.rope = Rope(cfg.rope, cfg.head_dim, cfg.max_position_embeddings)
+        self.rope = Rope(cfg.rope, cfg.rotary_dim, cfg.max_position_embeddings)
         self.eos_token_ids: list[int] = list(cfg.eos_token_id)
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
+        self.linear = [cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers)]
 
     @property
     def dtype(self) -> torch.dtype:
@@ -72,8 +84,9 @@ class QwenForCausalLM(nn.Module):
     def device(self) -> torch.device:
         return self.model.norm.weight.device
 
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+    def new_cache(self, batch: int, max_len: int) -> KVCache | HybridCache:
+        kind = HybridCache if self.config.is_hybrid else KVCache
+        return kind(self.config, batch, max_len, self.dtype, self.device)
 
     def forward(self, input_ids, attention_mask=None, *, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
         """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V)."""
@@ -86,7 +99,7 @@ class QwenForCausalLM(nn.Module):
         T = input_ids.shape[1]
         if cache is None:
             positions = positions_of(attention_mask, 0, T, input_ids.device)  # (B|1, T)
-            masks = causal_masks(attention_mask, 0, T, self.windows, input_ids.device)
+            masks = layer_masks(attention_mask, 0, T, self.windows, self.linear, input_ids.device)
         else:
             positions, masks = cache.begin(attention_mask, T)
         x = self.model.embed_tokens(input_ids)  # (B, T, H)
@@ -108,7 +121,8 @@ class QwenForCausalLM(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, std: float = 0.02, seed: int | None = None) -> "QwenForCausalLM":
-        """Random init for training from scratch: normal linears/embeddings, unit norms."""
+        """Random init for training from scratch: normal linears/embeddings, unit norms (zero for
+        zero-centred ones), the DeltaNet decays as the reference draws them."""
         gen = torch.Generator().manual_seed(seed) if seed is not None else None
         for name, p in self.named_parameters():
             if name.endswith("norm.weight"):
@@ -117,4 +131,9 @@ class QwenForCausalLM(nn.Module):
                 p.zero_()
             else:
                 p.copy_(torch.randn(p.shape, generator=gen) * std)
+        for m in self.modules():
+            if isinstance(m, CenteredRMSNorm):
+                m.weight.zero_()
+            elif isinstance(m, GatedDeltaNet):
+                m.init_gates(gen)
         return self

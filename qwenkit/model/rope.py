@@ -107,7 +107,12 @@ class Rope:
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, T, n, D) rotated by the half-split convention Qwen checkpoints use."""
+    """x (B, T, n, D) rotated by the half-split convention Qwen checkpoints use. With cos/sin
+    narrower than D (partial rotary: the hybrid models), the first R dimensions rotate and the
+    rest pass through."""
+    rot = cos.shape[-1]
+    if rot < x.shape[-1]:
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     half = x.shape[-1] // 2
     rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
     return x * cos + rotated * sin
