@@ -1,4 +1,5 @@
-"""GGUF files of the qwen2, qwen2moe, qwen3 and qwen3moe architectures, read as HF checkpoints.
+"""GGUF files of the qwen2, qwen2moe, qwen3 and qwen3moe architectures, and of the hybrid qwen3next,
+qwen35 and qwen35moe (`gguf_hybrid.py`), read as HF checkpoints.
 
 The header comes from `gguf_header.py`; the `gguf` package supplies the type tables and the
 dequantization kernels.
@@ -19,10 +20,11 @@ from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import dequantize
 
 from ..errors import CheckpointError
-from . import Checkpoint, TensorStream
+from . import Checkpoint, TensorStream, gguf_hybrid
 from .gguf_header import MAGIC, GGUFHeader, TensorInfo, read_header  # noqa: F401 (re-exported)
 
-MODEL_TYPES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3", "qwen3moe": "qwen3_moe"}
+MODEL_TYPES = {"qwen2": "qwen2", "qwen2moe": "qwen2_moe", "qwen3": "qwen3", "qwen3moe": "qwen3_moe",
+               **gguf_hybrid.ARCHS}
 # Tokens llama.cpp treats as end of generation besides the file's eos id.
 END_TOKENS = (b"<|im_end|>", b"<|endoftext|>")
 
@@ -72,14 +74,21 @@ def gguf_metadata(path: str | Path) -> dict:
 def open_gguf(path: str | Path) -> Checkpoint:
     path = Path(path)
     header = read_header(path)
-    names = {t.name: hf_name(t.name, path) for t in header.tensors}
+    config = config_from_gguf(header, path)
+    arch = header.metadata["general.architecture"]
+    restore = None
+    names = {t.name: hf_name(t.name, path) for t in header.tensors} if arch not in gguf_hybrid.ARCHS else \
+        {t.name: gguf_hybrid.hf_name(t.name, config["num_hidden_layers"], lambda n: hf_name(n, path))
+         for t in header.tensors}
+    if arch in gguf_hybrid.ARCHS:
+        restore = lambda name, tensor: gguf_hybrid.restore(name, tensor, arch, config)  # noqa: E731
     for t in header.tensors:
         _check_dequantizable(t, path)
     return Checkpoint(
-        config=config_from_gguf(header, path),
+        config=config,
         source=str(path),
         eos_token_ids=eos_token_ids(header.metadata),
-        read_tensors=lambda: _stream(path, header.tensors, names),
+        read_tensors=lambda: _stream(path, header.tensors, names, restore),
         stored=_stored(header.tensors),
     )
 
@@ -149,7 +158,8 @@ def config_from_gguf(header: GGUFHeader, path: Path) -> dict:
         "eos_token_id": meta.get("tokenizer.ggml.eos_token_id"),
         "pad_token_id": meta.get("tokenizer.ggml.padding_token_id"),
         **_bias_fields(arch, shapes),
-        **(_moe_fields(arch, get, shapes) if arch.endswith("moe") else {}),
+        **(_moe_fields(arch, get, shapes) if arch.endswith("moe") and arch not in gguf_hybrid.ARCHS else {}),
+        **(gguf_hybrid.config_fields(arch, meta, shapes) if arch in gguf_hybrid.ARCHS else {}),
     }
     return {k: v for k, v in config.items() if v is not None}
 
@@ -269,14 +279,18 @@ class LazyRows:
 LAZY_MIN_ELEMENTS = 1 << 24
 
 
-def _stream(path: Path, tensors: list[TensorInfo], names: dict[str, str]) -> TensorStream:
+def _stream(path: Path, tensors: list[TensorInfo], names: dict[str, str], restore=None) -> TensorStream:
+    """`restore(gguf name, tensor)`: the checkpoint's values of a tensor the converter changed."""
     data = np.memmap(path, dtype=np.uint8, mode="r")
     for info in tensors:
         raw = data[info.offset : info.offset + info.nbytes]
-        if len(info.dims) == 2 and math.prod(info.dims) >= LAZY_MIN_ELEMENTS:
+        if len(info.dims) == 2 and math.prod(info.dims) >= LAZY_MIN_ELEMENTS and (
+                restore is None or not info.name.startswith("blk.")):
             yield names[info.name], LazyRows(info, raw), str(path)
         else:
             tensor = dequantize_tensor(info, raw)
+            if restore is not None:
+                tensor = restore(info.name, tensor)
             if info.name.endswith("ffn_gate_inp_shexp.weight"):
                 tensor = tensor.reshape(1, -1)  # GGUF stores the shared-expert gate as a vector; HF as [1, H]
             yield names[info.name], tensor, str(path)
