@@ -26,6 +26,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def _healthy(port: int) -> bool:
+    try:
+        return httpx.get(f"http://127.0.0.1:{port}/health").status_code == 200
+    except httpx.TransportError:
+        return False
+
+
 @contextlib.contextmanager
 def served_process(ckpt, port: int, *flags: str):
     """`python -m qwenkit.cli serve` on ckpt until the block ends; yields the banner it printed."""
@@ -39,7 +46,8 @@ def served_process(ckpt, port: int, *flags: str):
             line = proc.stdout.readline()
             assert line and time.time() < deadline, "server exited or hung:\n" + "".join(banner)
             banner.append(line)
-        while httpx.get(f"http://127.0.0.1:{port}/health").status_code != 200:
+        while not _healthy(port):  # the banner comes just before uvicorn binds the port
+            assert proc.poll() is None and time.time() < deadline, "server exited or hung:\n" + "".join(banner)
             time.sleep(0.05)
         yield "".join(banner)
     finally:
