@@ -3,6 +3,9 @@
 Pure functions of a `QwenConfig` (no weights, no torch). Counts follow the tensors the model
 holds: q/k/v biases (Qwen2 lines), per-head q/k RMSNorm (Qwen3 lines), routers, shared experts
 and their sigmoid gate (qwen2_moe), and an lm_head only when it is not tied to the embedding.
+Hybrid models (Qwen3-Next, Qwen3.5) have gated attention (q_proj twice as wide) in their
+full-attention layers only, which alone hold K/V; their Gated DeltaNet layers hold a fixed-size
+recurrent state per sequence instead (`state_bytes_per_sequence`).
 Sizes are in bytes; "GB" means 10**9 bytes throughout.
 """
 
@@ -19,7 +22,7 @@ GB = 10**9
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2, "fp8": 1, "float8": 1, "int8": 1, "int4": 0.5}
 # CUDA context, allocator slack and kernels' scratch space that every device carries regardless of model.
 RUNTIME_OVERHEAD_BYTES = 1 * GB
-COMPONENTS = ("embedding", "attention", "mlp", "moe_experts", "router", "shared_experts", "norms", "lm_head")
+COMPONENTS = ("embedding", "attention", "linear_attention", "mlp", "moe_experts", "router", "shared_experts", "norms", "lm_head")
 
 
 def bytes_per_element(dtype: str | float) -> float:
@@ -37,9 +40,18 @@ def bytes_per_element(dtype: str | float) -> float:
 def _attention_params(cfg: QwenConfig) -> int:
     """One layer's q/k/v/o projections, their biases, and the per-head q/k norms."""
     h, q_dim, kv_dim = cfg.hidden_size, cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
-    weights = h * q_dim + 2 * h * kv_dim + q_dim * h
+    weights = h * q_dim * (2 if cfg.attn_output_gate else 1) + 2 * h * kv_dim + q_dim * h
     biases = (q_dim + 2 * kv_dim) * cfg.qkv_bias + h * cfg.o_bias
     return weights + biases + 2 * cfg.head_dim * cfg.qk_norm
+
+
+def _linear_attention_params(cfg: QwenConfig) -> int:
+    """One Gated DeltaNet layer: in_proj (q, k, v, z, b, a), the depthwise conv, A_log and dt_bias,
+    the gated output norm and out_proj."""
+    key, value = cfg.linear_num_key_heads * cfg.linear_key_head_dim, cfg.linear_num_value_heads * cfg.linear_value_head_dim
+    conv, nv = 2 * key + value, cfg.linear_num_value_heads
+    return cfg.hidden_size * (conv + value + 2 * nv) + conv * cfg.linear_conv_kernel_dim + 2 * nv \
+        + cfg.linear_value_head_dim + value * cfg.hidden_size
 
 
 def _expert_params(cfg: QwenConfig) -> int:
@@ -62,9 +74,11 @@ def parameter_counts(cfg: QwenConfig) -> dict[str, int]:
     """
     h, n_layers = cfg.hidden_size, cfg.num_hidden_layers
     sparse = sum(cfg.is_sparse_layer(i) for i in range(n_layers))
+    n_attn = len(cfg.attention_layers)
     counts = {
         "embedding": cfg.vocab_size * h,
-        "attention": n_layers * _attention_params(cfg),
+        "attention": n_attn * _attention_params(cfg),
+        "linear_attention": (n_layers - n_attn) * _linear_attention_params(cfg),
         "mlp": (n_layers - sparse) * 3 * h * cfg.intermediate_size,
         "moe_experts": sparse * cfg.num_experts * _expert_params(cfg),
         "router": sparse * cfg.num_experts * h,
@@ -81,8 +95,19 @@ def parameter_counts(cfg: QwenConfig) -> dict[str, int]:
 
 # ---- KV cache ------------------------------------------------------------------------------
 def kv_cache_bytes_per_token(cfg: QwenConfig, dtype_bytes: float = 2) -> float:
-    """K and V for every layer: 2 * layers * kv_heads * head_dim * bytes."""
-    return 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+    """K and V for every attention layer: 2 * layers * kv_heads * head_dim * bytes (a hybrid's
+    DeltaNet layers keep none)."""
+    return 2 * len(cfg.attention_layers) * cfg.num_key_value_heads * cfg.head_dim * dtype_bytes
+
+
+def state_bytes_per_sequence(cfg: QwenConfig, dtype_bytes: float = 2) -> float:
+    """A hybrid's recurrent state, whatever the sequence length: per DeltaNet layer the conv's last
+    K-1 inputs (in the model dtype) and the float32 delta-rule state (v heads x d_k x d_v)."""
+    n_linear = cfg.num_hidden_layers - len(cfg.attention_layers)
+    conv = (2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim
+            + cfg.linear_num_value_heads * cfg.linear_value_head_dim) * (cfg.linear_conv_kernel_dim - 1)
+    state = cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+    return n_linear * (conv * dtype_bytes + state * 4)
 
 
 def kv_cache_bytes(cfg: QwenConfig, context: int, batch: int = 1, dtype_bytes: float = 2) -> float:
@@ -105,7 +130,9 @@ def _matmul_params_per_token(cfg: QwenConfig) -> int:
     counts = parameter_counts(cfg)
     q_dim, kv_dim = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
     biases = (q_dim + 2 * kv_dim) * cfg.qkv_bias + cfg.hidden_size * cfg.o_bias
-    not_matmul = counts["norms"] + cfg.num_hidden_layers * (biases + 2 * cfg.head_dim * cfg.qk_norm)
+    n_attn, n_linear = len(cfg.attention_layers), cfg.num_hidden_layers - len(cfg.attention_layers)
+    deltanet_vectors = 2 * cfg.linear_num_value_heads + cfg.linear_value_head_dim  # A_log, dt_bias, norm
+    not_matmul = counts["norms"] + n_attn * (biases + 2 * cfg.head_dim * cfg.qk_norm) + n_linear * deltanet_vectors
     return counts["active"] - counts["embedding"] - counts["lm_head"] - not_matmul + cfg.vocab_size * cfg.hidden_size
 
 
@@ -116,9 +143,13 @@ def flops_per_token(cfg: QwenConfig, context_len: int) -> float:
     itself: q·k over the context and the weighted sum of v, each 2 * heads * head_dim per position
     per layer, i.e. 4 * layers * heads * head_dim * context. For a whole sequence of length T the
     average token attends to about T/2 positions; training costs about 3x this (forward + backward).
+    A hybrid's DeltaNet layers cost the same at any context: about 6 * v_heads * d_k * d_v each
+    (decay, recall and update of the state, and the read-out).
     """
-    attention = 4 * cfg.num_hidden_layers * cfg.num_attention_heads * cfg.head_dim * context_len
-    return 2 * _matmul_params_per_token(cfg) + attention
+    n_linear = cfg.num_hidden_layers - len(cfg.attention_layers)
+    attention = 4 * len(cfg.attention_layers) * cfg.num_attention_heads * cfg.head_dim * context_len
+    recurrent = 6 * n_linear * cfg.linear_num_value_heads * cfg.linear_key_head_dim * cfg.linear_value_head_dim
+    return 2 * _matmul_params_per_token(cfg) + attention + recurrent
 
 
 # ---- memory plan ---------------------------------------------------------------------------
@@ -154,6 +185,9 @@ def memory_plan(cfg: QwenConfig, dtype: str | float = "bf16", context: int = 327
         "activations": activations,
         "runtime": RUNTIME_OVERHEAD_BYTES,
     }
+    if cfg.is_hybrid:  # split over devices by the DeltaNet's key heads, as the KV cache by its heads
+        state = state_bytes_per_sequence(cfg, w_bytes) * batch
+        per_device["recurrent_state"] = state / min(n_devices, cfg.linear_num_key_heads)
     total = sum(per_device.values())
     plan = {
         "dtype": dtype, "context": context, "batch": batch, "n_devices": n_devices, "device_gb": device_gb,
@@ -194,6 +228,8 @@ def _rope_text(cfg: QwenConfig) -> str:
     text = f"{rope['rope_type']}, theta {rope['rope_theta']:g}"
     if rope.get("factor"):
         text += f", factor {rope['factor']:g}"
+    if rope.get("partial_rotary_factor"):
+        text += f", on {rope['partial_rotary_factor']:g} of each head"
     if rope.get("original_max_position_embeddings") and rope["rope_type"] != "default":
         text += f" from {rope['original_max_position_embeddings']:,}"
     return text
@@ -220,6 +256,8 @@ def info_dict(cfg: QwenConfig, dtype: str | float = "bf16") -> dict:
         "tie_word_embeddings": cfg.tie_word_embeddings,
         "dtype": dtype,
         "kv_cache_bytes_per_token": kv_cache_bytes_per_token(cfg, bytes_per_element(dtype)),
+        "state_bytes_per_sequence": state_bytes_per_sequence(cfg, bytes_per_element(dtype)),
+        "num_attention_layers": len(cfg.attention_layers),
         "max_position_embeddings": cfg.max_position_embeddings,
         "rope": dict(cfg.rope),
     }
@@ -228,8 +266,11 @@ def info_dict(cfg: QwenConfig, dtype: str | float = "bf16") -> dict:
 def info_table(cfg: QwenConfig, name: str = "", dtype: str | float = "bf16") -> str:
     """A readable summary of shape, parameters by component and KV-cache cost."""
     info, kv = info_dict(cfg, dtype), kv_cache_bytes_per_token(cfg, bytes_per_element(dtype))
+    n_attn = len(cfg.attention_layers)
+    layers = str(cfg.num_hidden_layers) if not cfg.is_hybrid else \
+        f"{cfg.num_hidden_layers} ({cfg.num_hidden_layers - n_attn} Gated DeltaNet, {n_attn} gated attention)"
     rows = [("model", f"{name or '(unnamed)'} ({cfg.model_type})"),
-            ("layers", str(cfg.num_hidden_layers)),
+            ("layers", layers),
             ("heads / kv heads", f"{cfg.num_attention_heads} / {cfg.num_key_value_heads}"),
             ("head_dim", str(cfg.head_dim)),
             ("hidden", str(cfg.hidden_size)),
@@ -243,7 +284,11 @@ def info_table(cfg: QwenConfig, name: str = "", dtype: str | float = "bf16") -> 
              ("params: active / token", _billions(info["active_parameters"])),
              (f"KV cache / token ({dtype})", f"{kv:,.0f} bytes"),
              ("KV cache at 32K", _gb(kv * 32768)),
-             ("KV cache at 128K", _gb(kv * 131072)),
-             ("context length", f"{cfg.max_position_embeddings:,}"),
-             ("rope", _rope_text(cfg))]
+             ("KV cache at 128K", _gb(kv * 131072))]
+    if cfg.is_hybrid:
+        rows += [("DeltaNet heads (k / v)", f"{cfg.linear_num_key_heads} / {cfg.linear_num_value_heads} "
+                                            f"x {cfg.linear_key_head_dim}/{cfg.linear_value_head_dim}"),
+                 (f"recurrent state / sequence ({dtype} conv, fp32 state)",
+                  f"{info['state_bytes_per_sequence']:,.0f} bytes, at any length")]
+    rows += [("context length", f"{cfg.max_position_embeddings:,}"), ("rope", _rope_text(cfg))]
     return _table(rows)

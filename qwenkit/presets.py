@@ -1,4 +1,5 @@
-"""Official model shapes: every released Qwen2.5, Qwen2-MoE, Qwen3 and Qwen3-MoE size as config.json dicts.
+"""Official model shapes: every released Qwen2.5, Qwen2-MoE, Qwen3 and Qwen3-MoE size, and the hybrid
+Qwen3-Next and Qwen3.5 sizes whose config.json is named below, as config.json dicts.
 
 Each entry holds the released config.json values (Hugging Face field names) that decide the
 model's shape and numerics, so `get_preset(name)` gives the same `QwenConfig` that reading the
@@ -39,6 +40,14 @@ def _qwen3(**fields) -> dict:
 def _qwen3_moe(**fields) -> dict:
     return _qwen3(model_type="qwen3_moe", tie_word_embeddings=False, decoder_sparse_step=1,
                   norm_topk_prob=True, mlp_only_layers=[], num_experts=128, num_experts_per_tok=8, **fields)
+
+
+def _hybrid(model_type: str, **fields) -> dict:
+    """The fields every Qwen3-Next / Qwen3.5 text config shares (layer kinds from the interval of 4)."""
+    return {"model_type": model_type, "hidden_act": "silu", "head_dim": 256, "rms_norm_eps": 1e-6,
+            "attention_bias": False, "linear_conv_kernel_dim": 4, "linear_key_head_dim": 128,
+            "linear_value_head_dim": 128, "full_attention_interval": 4, "max_position_embeddings": 262144,
+            "tie_word_embeddings": False, **fields}
 
 
 PRESETS: dict[str, dict] = {
@@ -92,6 +101,25 @@ PRESETS: dict[str, dict] = {
                                 num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768),
     "qwen3-235b-a22b": _qwen3_moe(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
                                   num_attention_heads=64, num_key_value_heads=4, moe_intermediate_size=1536),
+    # Qwen3-Next: Qwen/Qwen3-Next-80B-A3B-Instruct's config.json ("80B in total and 3B activated").
+    "qwen3-next-80b-a3b": _hybrid("qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
+                                  num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
+                                  linear_num_key_heads=16, linear_num_value_heads=32, num_experts=512,
+                                  num_experts_per_tok=10, moe_intermediate_size=512,
+                                  shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1,
+                                  mlp_only_layers=[], rope_theta=10000000.0, partial_rotary_factor=0.25,
+                                  bos_token_id=BOS, eos_token_id=IM_END),
+    # Qwen3.5 text models: the shapes transformers 5.25 documents as Qwen3.5-9B (Qwen3_5TextConfig's
+    # defaults) and Qwen3.5-35B-A3B (Qwen3_5MoeTextConfig's defaults); vision towers not counted.
+    "qwen3.5-9b": _hybrid("qwen3_5_text", vocab_size=248320, hidden_size=4096, intermediate_size=12288,
+                          num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
+                          linear_num_key_heads=16, linear_num_value_heads=32,
+                          rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}),
+    "qwen3.5-35b-a3b": _hybrid("qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
+                               num_attention_heads=16, num_key_value_heads=2, linear_num_key_heads=16,
+                               linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
+                               moe_intermediate_size=512, shared_expert_intermediate_size=512,
+                               rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}),
 }
 
 

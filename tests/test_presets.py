@@ -17,11 +17,15 @@ PUBLISHED_TOTAL = {
     "qwen1.5-moe-a2.7b": "14.3", "qwen2-57b-a14b": "57",
     "qwen3-0.6b": "0.6", "qwen3-1.7b": "1.7", "qwen3-4b": "4.0", "qwen3-8b": "8.2", "qwen3-14b": "14.8",
     "qwen3-32b": "32.8", "qwen3-30b-a3b": "30.5", "qwen3-235b-a22b": "235",
+    # The hybrids' names state their size (Qwen3.5's also counts a vision tower, not counted here).
+    "qwen3-next-80b-a3b": "80", "qwen3.5-9b": "9", "qwen3.5-35b-a3b": "35",
 }
-PUBLISHED_ACTIVE = {"qwen1.5-moe-a2.7b": "2.7", "qwen2-57b-a14b": "14", "qwen3-30b-a3b": "3.3", "qwen3-235b-a22b": "22"}
+PUBLISHED_ACTIVE = {"qwen1.5-moe-a2.7b": "2.7", "qwen2-57b-a14b": "14", "qwen3-30b-a3b": "3.3", "qwen3-235b-a22b": "22",
+                    "qwen3-next-80b-a3b": "3", "qwen3.5-35b-a3b": "3"}
 # Exact element counts of the released safetensors (Hugging Face hub model API).
 HUB_ELEMENTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen2.5-72b": 72_706_203_648}
-MOE_PRESETS = [n for n in PRESETS if PRESETS[n].get("num_experts")]
+# The sparse-step rules below are the qwen2_moe/qwen3_moe lines' (Qwen3.5-MoE makes every layer sparse).
+MOE_PRESETS = [n for n in PRESETS if PRESETS[n].get("num_experts") and not get_preset(n).is_hybrid]
 
 
 def hf_parameter_count(config_json: dict) -> int:
