@@ -8,6 +8,11 @@ and aborts through a thread-safe inbox; each request's outputs come back on its 
     async for out in stream:       # RequestOutput deltas; the last has finished=True
         print(out.text, end="")
     # leaving the loop early (or being cancelled) aborts the request and frees its blocks
+
+Admission and endings the server needs: with `settings.max_queued_requests`, `submit` raises
+QueueFull when that many requests already wait; with `settings.request_timeout`, a request still
+unfinished that long after its arrival is aborted and its stream raises RequestEnded; `end_all`
+does the same to every request (a server that stops). Either way its blocks go back to the pool.
 """
 
 from __future__ import annotations
@@ -24,6 +29,18 @@ from .output import RequestOutput
 from .sampling_params import SamplingParams
 
 log = logging.getLogger("qwenkit.engine")
+
+
+class QueueFull(RuntimeError):
+    """`max_queued_requests` requests are already waiting: come back later."""
+
+
+class RequestEnded(RuntimeError):
+    """The engine ended a request before it finished; `reason` is "timeout" or "shutdown"."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
 
 
 class RequestStream:
@@ -63,6 +80,9 @@ class AsyncEngine:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, RequestStream]] = {}
         self._stop = threading.Event()
+        # `submit`s so far (event loop) and requests the engine thread has taken in: their difference is the inbox
+        self._submitted = self._taken = 0
+        self._deadlines: dict[str, float] = {}  # request id -> time.monotonic() it is ended at (engine thread)
         self._thread = threading.Thread(target=self._run, name="qwenkit-engine", daemon=True)
 
     def start(self) -> "AsyncEngine":
@@ -74,13 +94,24 @@ class AsyncEngine:
         self._inbox.put(("wake",))
         self._thread.join(timeout=30)
 
+    def running(self) -> bool:
+        """Whether the engine thread is alive (False once `shutdown` has returned)."""
+        return self._thread.is_alive()
+
     def submit(self, prompt_ids: list[int], params: SamplingParams, request_id: str | None = None,
                after: str | None = None, adapter: str | None = None) -> RequestStream:
-        """Queue a request (call from the event loop); raises RequestError at once if it is invalid.
-        `after`: the id of a request with the same prompt, whose prompt K/V this one shares.
+        """Queue a request (call from the event loop); raises RequestError at once if it is invalid,
+        QueueFull if `max_queued_requests` already wait.
+        `after`: the id of a request with the same prompt, whose prompt K/V this one shares (the
+        choices of one HTTP request: admitted with the first, never refused half-way).
         `adapter`: the name of a loaded LoRA adapter, taken now (an unload meanwhile cannot lose it)."""
         self.engine.validate(prompt_ids, params)
+        limit = self.engine.settings.max_queued_requests
+        if limit is not None and after is None and self.num_waiting() >= limit:
+            raise QueueFull(f"{self.num_waiting()} requests are already waiting, the most this server queues "
+                            "(qwenkit serve --max-queued-requests); retry later")
         lora = self.engine.adapter(adapter) if adapter is not None else None
+        self._submitted += 1
         request_id = request_id or uuid.uuid4().hex
         stream = RequestStream(self, request_id, len(prompt_ids))
         self._streams[request_id] = (asyncio.get_running_loop(), stream)
@@ -89,6 +120,14 @@ class AsyncEngine:
 
     def abort(self, request_id: str) -> None:
         self._inbox.put(("abort", request_id))
+
+    def end_all(self, message: str) -> None:
+        """End every request now (any thread): each stream raises RequestEnded(message, "shutdown")."""
+        self._inbox.put(("end_all", message))
+
+    def num_waiting(self) -> int:
+        """Requests not yet running: in the inbox or the scheduler's waiting queue (preempted ones too)."""
+        return self._submitted - self._taken + len(self.engine.scheduler.waiting)
 
     def metrics(self) -> dict[str, float]:
         return {**self.engine.metrics(), "inbox": self._inbox.qsize()}
@@ -101,6 +140,7 @@ class AsyncEngine:
     def _run(self) -> None:
         while not self._stop.is_set():
             self._drain(block=not self.engine.has_unfinished())
+            self._expire(time.monotonic())
             if not self.engine.has_unfinished():
                 continue
             try:
@@ -124,15 +164,37 @@ class AsyncEngine:
     def _handle(self, command: tuple) -> None:
         if command[0] == "add":
             _, request_id, prompt_ids, params, arrival_time, after, lora = command
+            self._taken += 1
             try:
                 self.engine.add_request(prompt_ids, params, request_id, arrival_time, after, lora)
             except Exception as e:
                 self._deliver(request_id, e, True)
+                return
+            if self.engine.settings.request_timeout is not None:
+                self._deadlines[request_id] = arrival_time + self.engine.settings.request_timeout
         elif command[0] == "abort":
             self.engine.abort(command[1])
             self._streams.pop(command[1], None)
+            self._deadlines.pop(command[1], None)
+        elif command[0] == "end_all":
+            for request_id in list(self.engine.requests):
+                self._end(request_id, RequestEnded(command[1], "shutdown"))
+
+    def _expire(self, now: float) -> None:
+        timeout = self.engine.settings.request_timeout
+        for request_id in [r for r, deadline in self._deadlines.items() if now >= deadline]:
+            self._end(request_id, RequestEnded(
+                f"the request ran past this server's limit of {timeout:g} s and was ended "
+                "(qwenkit serve --request-timeout)", "timeout"))
+
+    def _end(self, request_id: str, error: RequestEnded) -> None:
+        """Abort a request (its blocks back in the pool) and make its stream raise `error`."""
+        self.engine.abort(request_id)
+        self._deliver(request_id, error, True)
 
     def _deliver(self, request_id: str, item, last: bool) -> None:
+        if last:
+            self._deadlines.pop(request_id, None)
         entry = self._streams.pop(request_id, None) if last else self._streams.get(request_id)
         if entry is None:
             return

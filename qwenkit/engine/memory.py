@@ -2,6 +2,11 @@
 
 The budget (`kv_cache_memory`, or `kv_cache_fraction` of free memory) also pays for the LoRA
 adapter slots (`max_loras` of rank up to `max_lora_rank`): the KV cache gets what they leave.
+
+An explicit budget is checked against the memory free on the device before anything is
+allocated: a cache larger than what is free is refused with a ConfigError naming the setting,
+instead of growing until the kernel kills the process. On Linux, "free" is MemAvailable, capped
+by the cgroup's limit (a container's `--memory`), which MemAvailable does not see.
 """
 
 from __future__ import annotations
@@ -16,27 +21,69 @@ from .kv_cache import PagedKVCache
 from .runner import attention_layout
 from .settings import EngineSettings
 
+_CGROUP = Path("/sys/fs/cgroup")
 
-def free_memory(device: torch.device) -> int:
-    """Bytes free on a CUDA device, or available RAM (Linux MemAvailable) for the CPU."""
+
+def free_memory(device: torch.device | str) -> int:
+    """Bytes free on a CUDA device, or available RAM (Linux MemAvailable, within the cgroup's limit)."""
+    device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.mem_get_info(device)[0]
+    available = _meminfo_available()
+    room = _cgroup_room()
+    if available is None and room is None:
+        return 4 * 2**30  # no way to ask: assume a modest 4 GiB
+    return min(x for x in (available, room) if x is not None)
+
+
+def _meminfo_available() -> int | None:
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
                 return int(line.split()[1]) * 1024
-    except OSError:
+    except (OSError, ValueError, IndexError):
         pass
-    return 4 * 2**30  # no way to ask: assume a modest 4 GiB
+    return None
+
+
+def _cgroup_room() -> int | None:
+    """cgroup v2: memory.max less memory.current; None without a limit."""
+    try:
+        limit = (_CGROUP / "memory.max").read_text().strip()
+        if limit == "max":
+            return None
+        return max(0, int(limit) - int((_CGROUP / "memory.current").read_text()))
+    except (OSError, ValueError):
+        return None
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024:
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def check_fits(nbytes: int, device: torch.device | str, what: str) -> None:
+    """ConfigError naming `what` unless `nbytes` more fit in the memory free on `device` now."""
+    free = free_memory(device)
+    if nbytes > free:
+        raise ConfigError(f"{what}: {format_bytes(nbytes)} of KV cache is more than the "
+                          f"{format_bytes(free)} free on {torch.device(device).type}")
 
 
 def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
     """Blocks that fit the budget, but no more than `max_num_seqs` full contexts need."""
-    if settings.num_blocks is not None:
-        return settings.num_blocks
     n_kv, head_dim = attention_layout(model)
     per_block = PagedKVCache.bytes_per_block(model.config.num_hidden_layers, settings.block_size,
                                              n_kv, head_dim, model.dtype)
+    if settings.num_blocks is not None:
+        check_fits(settings.num_blocks * per_block, model.device,
+                   f"num_blocks (--num-kv-blocks) {settings.num_blocks}")
+        return settings.num_blocks
+    if settings.kv_cache_memory is not None:
+        check_fits(settings.kv_cache_memory, model.device, "kv_cache_memory (--kv-cache-memory)")
     budget = settings.kv_cache_memory or int(settings.kv_cache_fraction * free_memory(model.device))
     adapters = adapter_bytes(model, settings)
     if adapters + per_block > budget:

@@ -23,6 +23,8 @@ class EngineSettings:
     enable_prefix_caching: bool = True
     max_loras: int = 0  # LoRA adapters loaded at once (each reserves its memory); 0: none
     max_lora_rank: int = 16  # the largest adapter rank, what each adapter slot reserves for
+    max_queued_requests: int | None = None  # AsyncEngine: requests waiting beyond this are refused; None: no bound
+    request_timeout: float | None = None  # AsyncEngine: seconds from arrival before a request is ended; None: never
 
     def __post_init__(self):
         checks = [(self.block_size >= 1, "block_size must be >= 1"),
@@ -31,7 +33,10 @@ class EngineSettings:
                   (0 < self.kv_cache_fraction <= 1, "kv_cache_fraction must be in (0, 1]"),
                   (self.num_blocks is None or self.num_blocks >= 1, "num_blocks must be >= 1"),
                   (self.kv_cache_memory is None or self.kv_cache_memory > 0, "kv_cache_memory must be > 0"),
-                  (self.max_loras >= 0, "max_loras must be >= 0"), (self.max_lora_rank >= 1, "max_lora_rank must be >= 1")]
+                  (self.max_loras >= 0, "max_loras must be >= 0"), (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
+                  (self.max_queued_requests is None or self.max_queued_requests >= 0,
+                   "max_queued_requests must be >= 0"),
+                  (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be > 0")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"EngineSettings: {message}")

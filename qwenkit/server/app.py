@@ -5,7 +5,9 @@ GET /metrics (Prometheus), and the chat page at / (server/ui/; --no-ui leaves it
 adapters' routes and `model` routing in adapters.py. With --api-key, /v1 routes and the page's
 /ui/render need `Authorization: Bearer KEY`.
 Every error is an OpenAI-shaped JSON body: 4xx for anything a request body can do (a body over
---max-request-bytes is 413), 500 only for our own failures. Prompts are tokenized off the event loop.
+--max-request-bytes is 413), 429 beyond --max-queued-requests, 503 / 504 for a request the server
+ended (stopping, --request-timeout), 500 only for our own failures. Prompts are tokenized off
+the event loop. `main` hands the app to `lifecycle.serve` (/ready, signals, draining).
 Binds to 127.0.0.1 unless --host says otherwise. Chat messages are encoded with the
 injection-safe chat encoding: special-token strings inside client text stay plain text.
 """
@@ -14,13 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import math
 
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from ..engine.async_engine import AsyncEngine
+from ..engine.async_engine import AsyncEngine, QueueFull, RequestEnded
 from ..errors import RequestError, TokenizerError
 from ..tokenizer.output import tool_format
 from . import adapters, choices, metrics, streaming
@@ -49,6 +52,7 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
     `reasoning_budget`: the thinking_budget of requests that set none."""
     app = FastAPI(title="qwenkit", docs_url=None, redoc_url=None)
     _install_error_handlers(app)
+    _install_overload_handlers(app, engine)
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
     reasoning = _THINK_OPEN in (tokenizer.chat_template or "")
     tool_calls = tool_format(tokenizer.chat_template)  # the form the template teaches: JSON or XML
@@ -181,6 +185,24 @@ def _install_error_handlers(app: FastAPI) -> None:
         return JSONResponse(body, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
 
+def _install_overload_handlers(app: FastAPI, engine: AsyncEngine) -> None:
+    @app.exception_handler(QueueFull)
+    async def queue_full(_request, exc: QueueFull):
+        return JSONResponse(error_body(str(exc), "rate_limit_error", "queue_full"), status_code=429,
+                            headers={"Retry-After": str(_retry_after(engine))})
+
+    @app.exception_handler(RequestEnded)
+    async def ended(_request, exc: RequestEnded):
+        status, code = (504, "request_timeout") if exc.reason == "timeout" else (503, "server_shutdown")
+        return JSONResponse(error_body(str(exc), "server_error", code), status_code=status)
+
+
+def _retry_after(engine: AsyncEngine) -> int:
+    """Seconds a refused client should wait: the mean queue time so far, at least 1."""
+    _, counts, total = engine.histograms()["request_queue_time"]
+    return max(1, math.ceil(total / counts[-1])) if counts[-1] else 1
+
+
 def _field(error: dict) -> str:
     """The request field a validation error is about, dotted (`messages.0.content`); "body" for the whole."""
     if error.get("type") == "json_invalid":  # its loc holds a character offset, not a field
@@ -217,6 +239,12 @@ def parser(prog: str):
     p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     p.add_argument("--reasoning-budget", type=int, default=None,
                    help="thinking_budget (reasoning tokens) of requests that set none (default: no limit)")
+    p.add_argument("--max-queued-requests", type=int, default=None,
+                   help="requests that may wait for a place in the batch; more get 429 (default: no bound)")
+    p.add_argument("--request-timeout", type=float, default=None,
+                   help="seconds from arrival after which a request is ended with an error (default: none)")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds a SIGTERM/SIGINT lets requests in flight finish before ending them (default 30)")
     p.add_argument("--log-level", default="warning")
     return p
 
@@ -234,8 +262,21 @@ def checked_flags(args):
     max_request_bytes = parse_size(args.max_request_bytes)
     if max_request_bytes < 1:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1 byte")
+    if args.max_queued_requests is not None and args.max_queued_requests < 0:
+        raise ConfigError(f"--max-queued-requests {args.max_queued_requests}: must be >= 0")
+    for flag, seconds, least in (("--request-timeout", args.request_timeout, 1e-9),
+                                 ("--shutdown-timeout", args.shutdown_timeout, 0)):
+        if seconds is not None and not (least <= seconds < math.inf):
+            raise ConfigError(f"{flag} {seconds}: must be a {'positive' if least else 'non-negative'} "
+                              "number of seconds")
     check_listen(args.host, args.port)
-    return engine_settings(args), max_request_bytes
+    settings = engine_settings(args)
+    if settings.kv_cache_memory is not None:  # again once the model is loaded; this one fails before the load
+        from ..commands.common import model_options
+        from ..engine.memory import check_fits
+
+        check_fits(settings.kv_cache_memory, model_options(args)[0], f"--kv-cache-memory {args.kv_cache_memory}")
+    return settings, max_request_bytes
 
 
 def check_listen(host: str, port: int) -> None:
@@ -262,6 +303,7 @@ def engine_settings(args):
     return EngineSettings(block_size=args.block_size, kv_cache_memory=memory, num_blocks=args.num_kv_blocks,
                           max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                           max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
+                          max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
                           **adapters.settings_from(args))
 
 
@@ -285,18 +327,32 @@ def load(args):
 
 
 def main(argv: list[str], prog: str = "qwenkit serve") -> int:
-    import os
-    from pathlib import Path
-
-    import uvicorn
-
-    from ..engine.engine import Engine
+    from .lifecycle import serve
 
     cli = parser(prog)
     args = cli.parse_args(argv)
     if args.quantize and args.tensor_parallel_size > 1:
         cli.error("--quantize does not combine with --tensor-parallel-size > 1")
     settings, max_request_bytes = checked_flags(args)
+
+    def start():
+        return started(args, settings, max_request_bytes, prog)
+    if args.tensor_parallel_size > 1:  # under torchrun, ranks > 0 never return from loading: load here, not in a thread
+        ready = start()
+        start = lambda: ready  # noqa: E731
+    page = "" if args.no_ui else f"; chat page at http://{args.host}:{args.port}/"
+    serve(start, args.host, args.port, args.log_level, args.shutdown_timeout, prog,
+          f"serving on http://{args.host}:{args.port}/v1{page}")
+    return 0
+
+
+def started(args, settings, max_request_bytes: int, prog: str):
+    """(the app, its started AsyncEngine): the model loaded as the flags ask; prints the banner."""
+    import os
+    from pathlib import Path
+
+    from ..engine.engine import Engine
+
     model, tokenizer = load(args)
     engine = Engine(model, settings, tokenizer)
     name = Path(args.served_model_name or args.model).name
@@ -316,10 +372,4 @@ def main(argv: list[str], prog: str = "qwenkit serve") -> int:
     app = build_app(async_engine, tokenizer, name, args.api_key or os.environ.get("QWENKIT_API_KEY"),
                     max_request_bytes, args.allow_runtime_lora, ui=not args.no_ui,
                     reasoning_budget=args.reasoning_budget)
-    page = "" if args.no_ui else f"; chat page at http://{args.host}:{args.port}/"
-    print(f"{prog}: serving on http://{args.host}:{args.port}/v1{page}", flush=True)
-    try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    finally:
-        async_engine.shutdown()
-    return 0
+    return app, async_engine
