@@ -53,12 +53,12 @@ def _start_server(model: str, port: int, kv_memory: str, dtype: str, device: str
         if proc.poll() is not None:
             raise RuntimeError(f"server exited: {proc.stderr.read()[-500:]}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+            if httpx.get(f"http://127.0.0.1:{port}/ready", timeout=1).status_code == 200:
                 return proc
         except httpx.HTTPError:
             time.sleep(1)
     proc.kill()
-    raise RuntimeError("server did not become healthy in 600 s")
+    raise RuntimeError("server was not ready in 600 s")
 
 
 async def _one(client, url: str, model: str, question: str, max_tokens: int) -> tuple[float, int]:
