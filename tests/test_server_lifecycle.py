@@ -7,7 +7,9 @@ clear error; /health and /ready; a KV budget beyond free memory is refused befor
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -40,12 +42,14 @@ def ckpt(tmp_path_factory):
 class Served:
     """`python -m qwenkit.cli serve` as a subprocess; its output collected by a thread."""
 
-    def __init__(self, model, *flags: str):
+    def __init__(self, model, *flags: str, session: bool = False):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cmd = [sys.executable, "-m", "qwenkit.cli", "serve", "--model", str(model), "--port", str(self.port),
                "--dtype", "float32", "--threads", "1", *flags]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                     start_new_session=session)
+        self.session = session
         self.lines: list[str] = []
         self.listening = threading.Event()
         threading.Thread(target=self._read, daemon=True).start()
@@ -95,18 +99,40 @@ class Served:
         if self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        if self.session:  # spawned ranks too
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self.proc.pid, signal.SIGKILL)
 
 
 @pytest.fixture
 def serve(ckpt):
     started = []
 
-    def start(*flags, model=ckpt):
-        started.append(Served(model, *flags))
+    def start(*flags, model=ckpt, session=False):
+        started.append(Served(model, *flags, session=session))
         return started[-1]
     yield start
     for s in started:
         s.close()
+
+
+def test_ctrl_c_to_every_rank_of_a_tensor_parallel_server_drains_and_exits_0(serve):
+    """A terminal's Ctrl-C (or torchrun) signals every rank: the workers wait for rank 0's drain."""
+    server = serve("--tensor-parallel-size", "2", "--shutdown-timeout", "120", "--num-kv-blocks", "256",
+                   session=True)
+    server.wait_ready()
+    stream = Stream(LONG // 8)
+
+    async def scenario():
+        async with httpx.AsyncClient() as client:
+            task = asyncio.create_task(stream.run(client, server.url))
+            await stream.first.wait()
+            os.killpg(server.proc.pid, signal.SIGINT)  # the whole process group, workers included
+            await task
+    asyncio.run(scenario())
+    assert server.stop(120) == 0
+    assert stream.done and stream.error is None and stream.completion_tokens == LONG // 8
+    assert "1 requests finished (0 aborted); KV blocks in use 0 of 256" in server.output
 
 
 class Stream:
@@ -262,11 +288,10 @@ def test_ready_is_503_while_the_model_loads_and_health_is_200(serve, default_mod
     seen = set()
     while server.status("/ready") != 200:
         assert server.proc.poll() is None, server.output
-        health = httpx.get(server.url + "/health", timeout=60)  # the load shares the CPU (and the GIL)
-        assert health.status_code == 200
-        if health.json()["state"] == "loading":
-            seen.add(httpx.get(server.url + "/ready", timeout=60).status_code)
-            seen.add(httpx.get(server.url + "/v1/models", timeout=60).status_code)
+        answers = [httpx.get(server.url + path, timeout=60) for path in ("/ready", "/v1/models", "/health")]
+        assert answers[2].status_code == 200  # alive throughout (the load shares the CPU and the GIL: long timeouts)
+        if answers[2].json()["state"] == "loading":  # still loading after the other two: they were asked while loading
+            seen |= {answers[0].status_code, answers[1].status_code}
         time.sleep(0.02)
     assert seen == {503}  # seen while loading: not ready, and the API not yet open
     assert httpx.get(server.url + "/ready", timeout=60).json() == {"status": "ready"}

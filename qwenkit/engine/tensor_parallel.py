@@ -185,6 +185,8 @@ def load_sharded_model(source, dtype, device: str, world: int):
     dtype = resolve_dtype(dtype, device)
     if "RANK" in os.environ:  # torchrun
         rank = int(os.environ["RANK"])
+        if rank:
+            _ignore_stop_signals()
         model = _load_shard(source, dtype, device, rank, world, None)
         if rank:
             worker_loop(model)
@@ -208,7 +210,17 @@ def _load_shard(source, dtype, device: str, rank: int, world: int, init_method):
     return shard_model(load_model(source, dtype, dev), rank, world)
 
 
+def _ignore_stop_signals() -> None:
+    """Ranks > 0 end when rank 0 releases them, not at a signal: torchrun and a terminal's Ctrl-C
+    signal every rank, and a worker gone while rank 0 drains would fail the steps still running."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def _worker(source, dtype: torch.dtype, device: str, rank: int, world: int, init_method: str) -> None:
+    _ignore_stop_signals()
     torch.set_num_threads(max(1, torch.get_num_threads() // world))
     worker_loop(_load_shard(source, dtype, device, rank, world, init_method))
     shutdown()
