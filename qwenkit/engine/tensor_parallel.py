@@ -125,6 +125,19 @@ class WireChunk:
     tokens: list[int]
     block_table: list[int]
 
+    @property
+    def seq(self) -> "_BaseRow":
+        """The runner asks each chunk's sequence for its LoRA adapter: workers run the base model."""
+        return _BASE_ROW
+
+
+@dataclass(frozen=True)
+class _BaseRow:
+    adapter: None = None
+
+
+_BASE_ROW = _BaseRow()
+
 
 def attach(engine) -> None:
     """On rank 0: tell the workers the cache size, then mirror every step to them."""
