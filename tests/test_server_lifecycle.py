@@ -132,6 +132,11 @@ def test_ctrl_c_to_every_rank_of_a_tensor_parallel_server_drains_and_exits_0(ser
     asyncio.run(scenario())
     assert server.stop(120) == 0
     assert stream.done and stream.error is None and stream.completion_tokens == LONG // 8
+    deadline = time.time() + 30
+    with pytest.raises(ProcessLookupError):  # the worker rank is gone too: nothing left in the group
+        while time.time() < deadline:
+            os.killpg(server.proc.pid, 0)
+            time.sleep(0.1)
     assert "1 requests finished (0 aborted); KV blocks in use 0 of 256" in server.output
 
 

@@ -124,7 +124,8 @@ class _Server(uvicorn.Server):
     def _on_signal(self, sig: int) -> None:
         name = signal.Signals(sig).name
         if self.front.draining or self.front.app is None:
-            print(f"{self.prog}: {name} again: ending every request now", flush=True)
+            again = "while loading: stopping" if self.front.app is None else "again: ending every request now"
+            print(f"{self.prog}: {name} {again}", flush=True)
             self.front.draining = True
             self._spawn(self._stop(f"the server was stopped ({name}) before this request finished"))
             return
