@@ -158,3 +158,19 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny):
         generate(model, [1, 2, 3], 4, speculative=f"draft:{tiny['other']}")
     with pytest.raises(RequestError, match="expected 'ngram' or 'draft:PATH'"):
         generate(model, [1, 2, 3], 4, speculative="eagle")
+
+
+def _cli(*args):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "qwenkit.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_speculative_output_equals_plain_and_a_bad_draft_is_one_line(tiny):
+    common = ["generate", "--model", str(tiny["target"]), "--dtype", "float32", "-p", "abcabcabcab",
+              "--max-new-tokens", "24"]
+    plain, spec = _cli(*common), _cli(*common, "--speculative", "ngram")
+    assert plain.returncode == spec.returncode == 0 and spec.stdout == plain.stdout
+    bad = _cli(*common, "--speculative", f"draft:{tiny['other']}")
+    assert bad.returncode != 0 and "tokenizer differs" in bad.stderr and "Traceback" not in bad.stderr

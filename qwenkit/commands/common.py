@@ -45,6 +45,15 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
+    parser.add_argument("--speculative", type=speculative_arg, default=None, metavar="ngram|draft:PATH",
+                        help="speculative decoding: prompt lookup, or a smaller model with the same tokenizer "
+                             "(same output for greedy, same distribution when sampling)")
+
+
+def speculative_arg(text: str) -> str:
+    if text == "ngram" or (text.startswith("draft:") and len(text) > len("draft:")):
+        return text
+    raise argparse.ArgumentTypeError(f"expected 'ngram' or 'draft:PATH', got {text!r}")
 
 
 SAMPLING_FLAGS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
@@ -68,13 +77,18 @@ def check_sampling_args(args) -> None:
 
 def load(args, adapter=None):
     """(model, tokenizer) for parsed args, with a progress bar on the terminal; `adapter`: a LoRA
-    adapter directory merged into the weights (before --quantize)."""
+    adapter directory merged into the weights (before --quantize). A --speculative draft model is
+    loaded here too (once, for every turn), its tokenizer checked against the model's."""
     from ..loader import load_model
     from ..tokenizer import load_tokenizer
 
     device, dtype = model_options(args)
     model = load_model(args.model, dtype=dtype, device=device, progress=sys.stderr.isatty(),
                        adapter=adapter, quantize=args.quantize)
+    if getattr(args, "speculative", None):  # generate and chat have the flag
+        from ..speculative import proposer_for
+
+        args.speculative = proposer_for(args.speculative, model)
     return model, load_tokenizer(model.source)
 
 
@@ -85,7 +99,7 @@ def stream_reply(model, tok, prompt_ids: list[int], args, out=sys.stdout) -> lis
     decoder = tok.stream(skip_special_tokens=True)
     ids = []
     for token in generate_stream(model, prompt_ids, args.max_new_tokens, args.temperature, args.top_k,
-                                 args.top_p, seed=args.seed):
+                                 args.top_p, seed=args.seed, speculative=args.speculative):
         ids.append(token)
         out.write(decoder.push(token))
         out.flush()

@@ -37,7 +37,7 @@ class NgramProposer:
     def __init__(self, max_n: int = 4, min_n: int = 2):
         self.max_n, self.min_n = max_n, min_n
         self.where: dict[int, list[int]] = {}  # token -> positions it was seen at, ascending
-        self.indexed = 0
+        self.seen: list[int] = []  # the tokens indexed
 
     def propose(self, seq: TokenSequence, k: int, generator=None) -> Proposal:
         tokens = seq.token_ids
@@ -51,11 +51,11 @@ class NgramProposer:
         return Proposal([])
 
     def _index(self, tokens: list[int]) -> None:
-        if self.indexed > len(tokens):  # another sequence: start over
-            self.where, self.indexed = {}, 0
-        for i in range(self.indexed, len(tokens)):
+        if tokens[:len(self.seen)] != self.seen:  # another sequence (a chat's next turn): start over
+            self.where, self.seen = {}, []
+        for i in range(len(self.seen), len(tokens)):
             self.where.setdefault(tokens[i], []).append(i)
-        self.indexed = len(tokens)
+        self.seen = list(tokens)
 
 
 class DraftProposer:
