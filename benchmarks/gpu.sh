@@ -13,3 +13,7 @@ for shape in qwen2.5-0.5b qwen2.5-7b; do
   python -m qwenkit.cli bench --device cuda --model "random:$shape" \
     --configs qwenkit:bfloat16,transformers:bfloat16 --repeats 3 --timeout 240 --out "$out/$shape"
 done
+# Speculative decoding against plain decoding, batch 1 (random weights: the verify step's cost and
+# the back-off, not acceptance; token identity is reported for each workload).
+python -m qwenkit.cli bench spec --device cuda --model random:qwen2.5-0.5b --max-new-tokens 128 --repeats 3 \
+  --out "$out/spec-qwen2.5-0.5b"

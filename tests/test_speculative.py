@@ -174,3 +174,22 @@ def test_cli_speculative_output_equals_plain_and_a_bad_draft_is_one_line(tiny):
     assert plain.returncode == spec.returncode == 0 and spec.stdout == plain.stdout
     bad = _cli(*common, "--speculative", f"draft:{tiny['other']}")
     assert bad.returncode != 0 and "tokenizer differs" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.slow
+def test_default_model_greedy_is_plain_decoding_on_40_prompts(default_model_path):
+    """The default model's int8 fused step: prompt lookup on 40 prompts that invite copying."""
+    model = qwenkit.load_model(default_model_path)
+    tok = qwenkit.load_tokenizer(default_model_path)
+    names = ["alpha", "beta", "gamma", "delta", "omega"]
+    prompts = [f"Repeat this line exactly, then explain it in one sentence:\nresult_{i} = {names[i % 5]}"
+               f"({i}, {i * 7}) + helper_{i % 3}(values[{i}:{i + 4}])" for i in range(32)]
+    prompts += [f"Fix the typo and output the code:\ndef f{i}(x):\n    retrun x * {i}\n" for i in range(8)]
+    proposed = 0
+    for text in prompts:
+        ids = tok.encode_chat([{"role": "user", "content": text}])
+        stats = SpecStats()
+        spec = list(generate_stream(model, ids, 24, speculative="ngram", spec_stats=stats))
+        assert spec == generate(model, ids, 24), text
+        proposed += stats.proposed
+    assert proposed > 0  # the speculative path ran

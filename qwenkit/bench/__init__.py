@@ -54,6 +54,10 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
         from .serve import main as serve_main
 
         return serve_main(argv[1:], prog=f"{prog} serve")
+    if argv and argv[0] == "spec":
+        from .spec import main as spec_main
+
+        return spec_main(argv[1:], prog=f"{prog} spec")
     if argv and argv[0] == "scaling":
         from .scaling import main as scaling_main
 
