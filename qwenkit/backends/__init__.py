@@ -3,8 +3,9 @@
 The model (`qwenkit/model/`) is the math in plain torch. A backend swaps some of its modules for
 forms with the same parameters and a faster `forward`, and may install a decode step (the whole
 one-token call done its own way), which `generate` and the engine's runner ask for with
-`decode_step(model)`. `load_model` calls `install(model)`; call it again after changing a
-model's dtype or device.
+`decode_step(model)`; the engine's runner also asks `paged_step(...)` for its decode call over
+the paged pool (a static-buffer step, None where the backend has none). `load_model` calls
+`install(model)`; call it again after changing a model's dtype or device.
 
 Which path runs for which (device, host, dtype, phase), and what `--dtype auto` loads
 (`auto_plan`), is written down once, in docs/architecture.md ("Which path runs where"); `choose`
@@ -18,14 +19,19 @@ import weakref
 import torch
 from torch import nn
 
-from . import cpu, cpu_kernels
+import os
+
+from . import cpu, cpu_kernels, cuda
 from .cpu import attention_form, cpu_form
 from .fused_decode import FusedDecode
+from .graphed_step import GraphedDecode, PagedDecode, static_ok
 from .host import native_bf16
 
-BACKENDS = ("cpu-kernels", "cpu-attention", "torch")
+# "cuda-graphs": one-token steps on static buffers, captured in CUDA graphs on a GPU (run eagerly,
+# same buffers, when installed on a CPU model, as the tests do); paged decode reads blocks in place.
+BACKENDS = ("cpu-kernels", "cpu-attention", "cuda-graphs", "torch")
 FORMS = {"cpu-kernels": cpu_form, "cpu-attention": attention_form}
-_STEPS: "weakref.WeakKeyDictionary[nn.Module, FusedDecode]" = weakref.WeakKeyDictionary()
+_STEPS: "weakref.WeakKeyDictionary[nn.Module, FusedDecode | GraphedDecode]" = weakref.WeakKeyDictionary()
 _INSTALLED: "weakref.WeakKeyDictionary[nn.Module, str]" = weakref.WeakKeyDictionary()
 
 
@@ -42,8 +48,13 @@ def auto_plan(device, stored: str) -> tuple[torch.dtype, str | None]:
 def choose(model) -> str:
     """The backend for a model as it is now (device, dtype) on this host. Hybrid models (Gated
     DeltaNet layers, partial rotary, zero-centred norms) run the plain modules: the C forms and
-    the fused step are written for the attention-only layer."""
-    if model.device.type != "cpu" or cpu_kernels.kernels() is None or model.config.is_hybrid:
+    the fused step are written for the attention-only layer, the static steps for its cache.
+    QWENKIT_CUDA_GRAPHS=0 keeps a CUDA model on plain torch."""
+    if model.config.is_hybrid:
+        return "torch"
+    if model.device.type == "cuda" and os.environ.get("QWENKIT_CUDA_GRAPHS", "1") != "0":
+        return "cuda-graphs"
+    if model.device.type != "cpu" or cpu_kernels.kernels() is None:
         return "torch"
     return {torch.float32: "cpu-kernels", torch.bfloat16: "cpu-attention"}.get(model.dtype, "torch")
 
@@ -59,6 +70,10 @@ def install(model, name: str | None = None):
         _retype(model, FORMS[name])
     if name == "cpu-kernels":
         _STEPS[model] = FusedDecode(model)
+    if name == "cuda-graphs":
+        if cuda.kernel_available(model):
+            cuda.swap_attention(model)
+        _STEPS[model] = GraphedDecode(model, capture=model.device.type == "cuda")
     _INSTALLED[model] = name
     return model
 
@@ -82,9 +97,28 @@ def verify_step(model):
     return step.verify if step is not None else lambda input_ids, *, cache: model(input_ids, cache=cache)
 
 
+def has_paged_step(model) -> bool:
+    """Whether `paged_step` gives this model a step (the runner then adds the scratch block)."""
+    if installed(model) != "cuda-graphs" or not static_ok(model):
+        return False
+    # on CUDA without the in-place kernel the plain op would gather each row's whole table a step
+    return model.device.type != "cuda" or cuda.kernel_available(model)
+
+
+def paged_step(model, pool_k, pool_v, block_size: int, scratch_block: int, max_blocks: int):
+    """The engine's decode call over its paged pool on static buffers (`PagedDecode`: padded
+    batches, captured on CUDA), or None where the installed backend has none. `scratch_block`: a
+    block of the pool no sequence owns (padding rows write there); `max_blocks`: a row's most."""
+    if not has_paged_step(model):
+        return None
+    in_place = cuda.kernel_available(model)
+    return PagedDecode(model, pool_k, pool_v, block_size, scratch_block, max_blocks, in_place,
+                       capture=model.device.type == "cuda")
+
+
 def _plain_form(module: nn.Module) -> type | None:
     """The model's own class for a module a backend swapped, else None."""
-    return type(module).__mro__[1] if type(module).__module__ == cpu.__name__ else None
+    return type(module).__mro__[1] if type(module).__module__ in (cpu.__name__, cuda.__name__) else None
 
 
 def _retype(model: nn.Module, form) -> None:

@@ -8,13 +8,18 @@ prompt does not pad every decode row to its length.
 LoRA adapters apply per row: when any row of a call has one, the call runs the model's modules
 inside `adapters.rows(...)` (model/multi_lora.py), whose hooks add each row's own update; the
 fused decode step would skip them, so it runs only calls whose rows are all the base model's.
+
+Where the backend has one (`backends.paged_step`: cuda-graphs), decode calls of base-model rows
+run on its static-buffer step instead: rows padded to the next captured batch size, a CUDA graph
+replayed per step. The pool then holds one block more than the block manager hands out: the
+scratch block padding rows write to.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..backends import decode_step
+from ..backends import decode_step, has_paged_step, paged_step
 from ..model.masks import slot_masks
 from .kv_cache import PagedKVCache
 from .sampler import Sample, Sampler
@@ -33,12 +38,15 @@ class ModelRunner:
         self.device = model.device
         n_kv, head_dim = attention_layout(model)
         cfg = model.config
-        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks, block_size, n_kv, head_dim,
+        scratch = 1 if has_paged_step(model) else 0  # block `num_blocks`: where padding rows write
+        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks + scratch, block_size, n_kv, head_dim,
                                   model.dtype, model.device)
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler()
         self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
+        max_blocks = min(num_blocks, -(-cfg.context_length // block_size))
+        self.static = paged_step(model, self.cache.k, self.cache.v, block_size, num_blocks, max_blocks)
         self.adapters = adapters  # a model.multi_lora.AdapterSet, when the engine serves LoRA adapters
         # Set by tensor parallelism: called with each step's groups before they run, so the
         # other ranks run the same model calls on their shards.
@@ -71,6 +79,8 @@ class ModelRunner:
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:
         """Next-token logits (B, V) after each chunk's last token."""
+        if self._static_fits(chunks):
+            return self.static([c.tokens[0] for c in chunks], [c.start for c in chunks], [c.block_table for c in chunks])
         input_ids = self.prepare(chunks)
         per_row = [c.seq.adapter for c in chunks]
         if any(a is not None for a in per_row):
@@ -78,6 +88,11 @@ class ModelRunner:
                 return self.model(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
         run = self.decode if input_ids.shape[1] == 1 else self.model
         return run(input_ids, cache=self.cache, logits_to_keep=1)[:, -1]
+
+    def _static_fits(self, chunks: list[Chunk]) -> bool:
+        """Whether the static step runs this call: one token a row, base-model rows, few enough rows."""
+        return (self.static is not None and self.broadcast is None and self.static.padded(len(chunks)) is not None
+                and all(c.num_tokens == 1 and c.seq.adapter is None for c in chunks))
 
     def prepare(self, chunks: list[Chunk]):
         dev, bs = self.device, self.block_size
