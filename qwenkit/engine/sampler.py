@@ -43,8 +43,12 @@ class Sampler:
         self.guides.pop(seq.seq_id, None)
 
     def __call__(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> list[Sample]:
-        """logits (B, V) for the B sequences, on any device; returns one Sample per sequence."""
-        logits = logits.float().cpu()
+        """logits (B, V) for the B sequences, on any device; returns one Sample per sequence.
+        The work stays on the logits' device (one transfer of the token ids) unless a row needs
+        penalties, a logit bias or a grammar, which are applied on the host."""
+        logits = logits.float()
+        if any(_on_host(s.params) for s in seqs):
+            logits = logits.cpu()
         raw = logits
         logits = logits.clone()
         for i, seq in enumerate(seqs):
@@ -57,7 +61,8 @@ class Sampler:
             tokens[random_rows] = drawn
         for i, token in forced.items():
             tokens[i] = token
-        return [self._sample(raw[i], int(tokens[i]), seq.params) for i, seq in enumerate(seqs)]
+        ids = tokens.tolist()  # the one device-to-host transfer of a plain step
+        return [self._sample(raw[i], ids[i], seq.params) for i, seq in enumerate(seqs)]
 
     def _guide(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> dict[int, int]:
         """Apply each guided row's constraint to logits (B, V) in place; {row: forced token}."""
@@ -98,7 +103,7 @@ class Sampler:
         # One uniform draw per token, inverted through the row's CDF: a seeded request's tokens
         # depend on its own generator only, not on the batch's width K.
         cdf = probs.cumsum(-1)  # (R, K)
-        u = torch.cat([torch.rand(1, generator=self.generator_for(seq)) for seq in seqs])  # (R,)
+        u = torch.cat([torch.rand(1, generator=self.generator_for(seq)) for seq in seqs]).to(cdf.device)  # (R,)
         picks = torch.searchsorted(cdf, (u * cdf[:, -1])[:, None], right=True).clamp(max=cdf.shape[-1] - 1)
         return order.gather(1, picks).squeeze(1)
 
@@ -124,21 +129,28 @@ def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torc
     """What a draw picks from: (probs, order), each (R, K), for penalized logits (R, V) after
     temperature, top-k, min-p and top-p: token order[r, i] has weight probs[r, i] (unnormalized;
     zero where filtered out), best first. Speculative decoding reads the same distribution."""
-    temps = torch.tensor([p.temperature for p in params])[:, None]
+    dev = logits.device
+    temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
     top_k = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params]
     # One sort of the top max(top_k) candidates serves every row's filters.
     values, order = (logits / temps).topk(max(top_k), dim=-1)  # (R, K)
-    rank = torch.arange(values.shape[-1])[None]
-    values = values.masked_fill(rank >= torch.tensor(top_k)[:, None], float("-inf"))
+    rank = torch.arange(values.shape[-1], device=dev)[None]
+    values = values.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
     probs = values.softmax(-1)  # (R, K), sorted best first
-    min_p = torch.tensor([p.min_p for p in params])[:, None]
+    min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
     probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
-    top_p = torch.tensor([p.top_p for p in params])[:, None]
+    top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     # keep the smallest prefix whose mass reaches top_p; the best token always stays, also
     # when top_p is so small (1e-300) that it is 0 in float32 and every token would be cut
     mass_before = probs.cumsum(-1) - probs
     probs = probs.masked_fill((mass_before >= top_p * probs.sum(-1, keepdim=True)) & (rank > 0), 0.0)
     return probs, order
+
+
+def _on_host(p: SamplingParams) -> bool:
+    """Whether a row's sampling needs the host: penalties, logit bias, a grammar or thinking budget."""
+    return (p.repetition_penalty != 1.0 or bool(p.presence_penalty or p.frequency_penalty or p.logit_bias)
+            or p.structured is not None or p.thinking_budget is not None)
 
 
 def apply_penalties(logits: torch.Tensor, seq: TokenSequence) -> None:
