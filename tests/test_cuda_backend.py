@@ -149,3 +149,16 @@ def test_paged_attention_kernel_equals_sdpa_on_the_gathered_context():
     proc = subprocess.run([sys.executable, "-c", KERNEL_CHECK.format(tests=tests)], env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0 and "kernel ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_gpu_kv_budget_leaves_room_for_the_engines_own_calls():
+    """On a GPU the KV share is taken of free memory less the calls' activations: a full batch's
+    float32 logits at least, growing with max_num_seqs and the prefill chunk."""
+    from qwenkit.engine.memory import activation_reserve, free_for_kv
+
+    model = tiny_model()
+    small, wide = EngineSettings(max_num_seqs=8), EngineSettings(max_num_seqs=256)
+    assert activation_reserve(model, wide) - activation_reserve(model, small) >= 248 * 256 * 4
+    longer = EngineSettings(max_num_seqs=8, max_prefill_tokens=4096)
+    assert activation_reserve(model, longer) > activation_reserve(model, small)
+    assert free_for_kv(model, small) > 0  # on the CPU: available RAM, nothing taken off

@@ -7,6 +7,10 @@ An explicit budget is checked against the memory free on the device before anyth
 allocated: a cache larger than what is free is refused with a ConfigError naming the setting,
 instead of growing until the kernel kills the process. On Linux, "free" is MemAvailable, capped
 by the cgroup's limit (a container's `--memory`), which MemAvailable does not see.
+
+On a GPU the free memory (`torch.cuda.mem_get_info`, after the weights are loaded) first loses
+what the engine's own calls will hold (`activation_reserve`: a prefill chunk's activations, the
+logits of a full batch, the captured decode graphs), so the share given to K/V cannot starve them.
 """
 
 from __future__ import annotations
@@ -73,6 +77,24 @@ def check_fits(nbytes: int, device: torch.device | str, what: str) -> None:
                           f"{format_bytes(free)} free on {torch.device(device).type}")
 
 
+def activation_reserve(model, settings: EngineSettings) -> int:
+    """Bytes the engine's calls hold beside the weights and the K/V: the widest call's hidden
+    states (a prefill chunk or a full decode batch, twice over for the graphs' pool) and float32
+    logits of `max_num_seqs` rows (the sampler's working copies included)."""
+    cfg = model.config
+    tokens = max(settings.max_prefill_tokens, settings.max_num_seqs)
+    per_token = (4 * cfg.hidden_size + 3 * cfg.intermediate_size) * model.dtype.itemsize
+    return 2 * tokens * per_token + 4 * settings.max_num_seqs * cfg.vocab_size * 4
+
+
+def free_for_kv(model, settings: EngineSettings) -> int:
+    """Free memory the KV budget is a share of: on a GPU, less the engine's activations."""
+    free = free_memory(model.device)
+    if model.device.type == "cuda":
+        free = max(0, free - activation_reserve(model, settings))
+    return free
+
+
 def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
     """Blocks that fit the budget, but no more than `max_num_seqs` full contexts need."""
     n_kv, head_dim = attention_layout(model)
@@ -84,7 +106,7 @@ def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
         return settings.num_blocks
     if settings.kv_cache_memory is not None:
         check_fits(settings.kv_cache_memory, model.device, "kv_cache_memory (--kv-cache-memory)")
-    budget = settings.kv_cache_memory or int(settings.kv_cache_fraction * free_memory(model.device))
+    budget = settings.kv_cache_memory or int(settings.kv_cache_fraction * free_for_kv(model, settings))
     adapters = adapter_bytes(model, settings)
     if adapters + per_block > budget:
         raise ConfigError(f"{settings.max_loras} LoRA adapter slots of rank {settings.max_lora_rank} take "
