@@ -162,3 +162,29 @@ def test_gpu_kv_budget_leaves_room_for_the_engines_own_calls():
     longer = EngineSettings(max_num_seqs=8, max_prefill_tokens=4096)
     assert activation_reserve(model, longer) > activation_reserve(model, small)
     assert free_for_kv(model, small) > 0  # on the CPU: available RAM, nothing taken off
+
+
+def test_bench_runners_reuse_their_caches_and_the_static_cache_peer_matches_eager(tmp_path):
+    """The qwenkit runner (cuda-graphs step, one reused cache per shape) and transformers with its
+    static cache (the compiled peer's calls, run eagerly here) give eager transformers' tokens."""
+    from qwenkit.bench.runners import QwenkitRunner, TransformersCompiledRunner, TransformersRunner
+    from tiny import make_checkpoint
+
+    path = make_checkpoint(tmp_path / "ckpt", "qwen2")
+    ids = random_prompts(2, 7, 8, 256, seed=9)
+    got = {}
+    qk = QwenkitRunner(path, "float32", None)
+    backends.install(qk.model, "cuda-graphs")
+    qk.decode = backends.decode_step(qk.model)
+    for name, runner in (("eager", TransformersRunner(path, "float32", None)), ("qwenkit", qk),
+                         ("static", TransformersCompiledRunner(path, "float32", None, compile=False))):
+        runs = []
+        for _ in range(2):  # the second run reuses the first's cache
+            tokens = [runner.prefill(ids, 8)]
+            for _ in range(6):
+                tokens.append(runner.step(tokens[-1]))
+            runs.append(tokens)
+        assert runs[0] == runs[1], name
+        got[name] = runs[0]
+    assert got["qwenkit"] == got["eager"] and got["static"] == got["eager"]
+    assert len(qk.caches) == 1
