@@ -21,6 +21,7 @@ from torch import nn
 
 import os
 
+from ..config import HYBRID_TYPES
 from . import cpu, cpu_kernels, cuda
 from .cpu import attention_form, cpu_form
 from .fused_decode import FusedDecode
@@ -46,11 +47,11 @@ def auto_plan(device, stored: str) -> tuple[torch.dtype, str | None]:
 
 
 def choose(model) -> str:
-    """The backend for a model as it is now (device, dtype) on this host. Hybrid models (Gated
-    DeltaNet layers, partial rotary, zero-centred norms) run the plain modules: the C forms and
-    the fused step are written for the attention-only layer, the static steps for its cache.
-    QWENKIT_CUDA_GRAPHS=0 keeps a CUDA model on plain torch."""
-    if model.config.is_hybrid:
+    """The backend for a model as it is now (device, dtype) on this host. The hybrid lines
+    (Gated DeltaNet layers, gated attention, partial rotary, zero-centred norms) run the plain
+    modules: the C forms and the fused step are written for the Qwen2/Qwen3 layer, the static
+    steps for its cache. QWENKIT_CUDA_GRAPHS=0 keeps a CUDA model on plain torch."""
+    if model.config.model_type in HYBRID_TYPES:
         return "torch"
     if model.device.type == "cuda" and os.environ.get("QWENKIT_CUDA_GRAPHS", "1") != "0":
         return "cuda-graphs"

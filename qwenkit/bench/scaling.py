@@ -5,6 +5,10 @@ The MHA twin copies each KV head's projection to the query heads that share it, 
 exactly the same function with n_heads/n_kv times the KV cache: any speed difference is the
 cost of reading the bigger cache. Decode speed at context C depends on how much K/V is read, not
 on its values, so the cache is filled with random K/V up to C instead of prefilling C tokens.
+
+`--hybrid PRESET` compares instead a random model of a hybrid preset's width (Gated DeltaNet
+layers with one gated attention layer in four) against the same width with attention in every
+layer: the hybrid reads K/V in a quarter of its layers and a fixed-size state in the rest.
 """
 
 from __future__ import annotations
@@ -41,15 +45,35 @@ def as_mha(model):
     return install(twin.eval())  # the same backend as the model's
 
 
+def hybrid_shape(preset: str, layers: int, vocab: int):
+    """A hybrid preset's config cut to its first `layers` layers and a `vocab`-token vocabulary."""
+    from ..presets import get_preset
+
+    cfg = get_preset(preset)
+    return cfg.replace(num_hidden_layers=layers, vocab_size=vocab, layer_types=cfg.layer_types[:layers])
+
+
+@torch.no_grad()
+def hybrid_pair(cfg, dtype, device) -> dict:
+    """Random models of a hybrid config: as it is (its layer kinds) and with full attention in
+    every layer; both on the same (plain-module) backend."""
+    from ..loader import build_model
+
+    full = cfg.replace(layer_types=("full_attention",) * cfg.num_hidden_layers)
+    return {name: install(build_model(c, dtype, device).init_weights(seed=0).eval())
+            for name, c in (("hybrid", cfg), ("full-attn", full))}
+
+
 @torch.inference_mode()
 def decode_rate(model, context: int, batch: int, steps: int = 16) -> float:
     """Decode tokens/s for `batch` sequences that each already hold `context` tokens of K/V."""
     cache = model.new_cache(batch, context + steps + 1)
-    cache.k[:, :, :, :context].normal_()
-    cache.v[:, :, :, :context].normal_()
+    kv = cache.kv if model.config.is_hybrid else cache  # a hybrid's K/V: its attention layers'
+    kv.k[:, :, :, :context].normal_()
+    kv.v[:, :, :, :context].normal_()
     cache.end(context)
     step = decode_step(model)
-    tokens = torch.full((batch, 1), 1000, device=model.device)
+    tokens = torch.full((batch, 1), min(1000, model.config.vocab_size - 1), device=model.device)
     step(tokens, cache=cache)  # warm-up step
     t0 = time.perf_counter()
     for _ in range(steps):
@@ -58,8 +82,11 @@ def decode_rate(model, context: int, batch: int, steps: int = 16) -> float:
 
 
 def kv_bytes(model, context: int, batch: int) -> int:
-    cfg = model.config
-    return 2 * cfg.num_hidden_layers * batch * cfg.num_key_value_heads * context * cfg.head_dim * model.dtype.itemsize
+    """The cache a step reads: K/V of the attention layers, and a hybrid's recurrent states."""
+    from ..analysis import kv_cache_bytes_per_token, state_bytes_per_sequence
+
+    cfg, size = model.config, model.dtype.itemsize
+    return int(batch * (context * kv_cache_bytes_per_token(cfg, size) + state_bytes_per_sequence(cfg, size)))
 
 
 def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, repeats: int) -> list[dict]:
@@ -69,7 +96,7 @@ def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, rep
             rate = statistics.median(decode_rate(model, context, batch, steps) for _ in range(repeats))
             rows.append({"model": name, "context": context, "batch": batch, "decode_tok_s": rate,
                          "kv_bytes": kv_bytes(model, context, batch)})
-            print(f"{name:4s} context {context:6d} batch {batch:3d}: {rate:8.1f} tok/s, "
+            print(f"{name:9s} context {context:6d} batch {batch:3d}: {rate:8.1f} tok/s, "
                   f"KV {rows[-1]['kv_bytes'] / 2**20:8.1f} MiB", flush=True)
     return rows
 
@@ -81,6 +108,10 @@ def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
 
     p = argparse.ArgumentParser(prog=prog, description=__doc__)
     add_model_args(p, quantize=False)  # the MHA twin copies plain weights
+    p.add_argument("--hybrid", metavar="PRESET", help="compare a random model of this hybrid preset's width "
+                   "(e.g. qwen3.5-9b) against full attention in every layer, instead of --model against MHA")
+    p.add_argument("--layers", type=int, default=4, help="--hybrid: layers of the random models (default 4)")
+    p.add_argument("--vocab", type=int, default=4096, help="--hybrid: vocabulary of the random models")
     p.add_argument("--contexts", default="512,2048,8192,32768")
     p.add_argument("--batches", default="1,4,8,16,32")
     p.add_argument("--steps", type=int, default=16)
@@ -90,11 +121,15 @@ def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     device, dtype = model_options(args)
-    gqa = load_model(args.model, dtype=dtype, device=device)
-    models = {"GQA": gqa, "MHA": as_mha(gqa)}
-    weights = weight_bytes_per_token(gqa)
+    if args.hybrid:
+        cfg = hybrid_shape(args.hybrid, args.layers, args.vocab)
+        models = hybrid_pair(cfg, torch.float32 if dtype == "auto" else dtype, device)
+    else:
+        gqa = load_model(args.model, dtype=dtype, device=device)
+        models = {"GQA": gqa, "MHA": as_mha(gqa)}
+    weights = weight_bytes_per_token(next(iter(models.values())))
     for name, model in models.items():
-        per_token = kv_bytes(model, 1, 1)
+        per_token = kv_bytes(model, 2, 1) - kv_bytes(model, 1, 1)
         print(f"{name}: {weights / 2**20:.0f} MiB of weights and {per_token / 1024:.1f} KiB of K/V per token read "
               f"per decode step: K/V reads pass weight reads at {weights / per_token:,.0f} tokens of context "
               f"(batch x context)", flush=True)
