@@ -36,3 +36,10 @@ def test_serve_refuses_a_hybrid_in_one_line(ckpt):
     out = _qwenkit("serve", "--model", str(ckpt), "--port", "0")
     assert out.returncode != 0 and "Traceback" not in out.stderr
     assert "does not run hybrid models" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_speculative_generate_on_a_hybrid_fails_in_one_line_or_runs(ckpt):
+    out = _qwenkit("generate", "--model", str(ckpt), "--prompt", "abcabcabcabc", "--max-new-tokens", "12",
+                   "--speculative", "ngram")
+    assert "Traceback" not in out.stderr
+    assert out.returncode == 0 or "cannot forget tokens" in out.stderr

@@ -29,7 +29,12 @@ from typing import Protocol
 
 import torch
 
+from ..errors import ConfigError
 from .masks import layer_masks, positions_of
+
+
+class StateRollbackError(ConfigError, NotImplementedError):
+    """A cache asked to forget tokens it cannot (a recurrent state without snapshots)."""
 
 
 @dataclass
@@ -135,8 +140,9 @@ class HybridCache:
     layer the rows' convolution inputs (layers, B, C, K-1) in the model dtype and delta-rule
     states (layers, B, heads, d_k, d_v) in float32 (accumulated in float32 under bf16 weights).
 
-    A recurrent state cannot step back: `trim(n > 0)` raises NotImplementedError (speculative
-    rollback would need a snapshot of the state per proposed token; none is kept)."""
+    A recurrent state cannot step back: `trim(n > 0)` raises `StateRollbackError` (a
+    NotImplementedError and a ConfigError: speculative rollback would need a snapshot of the
+    state per proposed token; none is kept)."""
 
     def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
         self.kv = KVCache(cfg, batch, max_len, dtype, device, layers=cfg.attention_layers)
@@ -152,6 +158,10 @@ class HybridCache:
     @property
     def length(self) -> int:
         return self.kv.length
+
+    @property
+    def max_len(self) -> int:
+        return self.kv.max_len
 
     def begin(self, attention_mask, T: int):
         return self.kv.begin(attention_mask, T)
@@ -173,7 +183,8 @@ class HybridCache:
 
     def trim(self, n: int) -> None:
         if n:
-            raise NotImplementedError("a hybrid model's recurrent state cannot forget tokens (no snapshots are kept)")
+            raise StateRollbackError("a hybrid model's recurrent state cannot forget tokens (no snapshots are "
+                                     "kept), so speculative decoding does not run on it yet")
 
     def slots(self) -> SlotMap:
         raise NotImplementedError("no kernel walks a hybrid cache's storage")
