@@ -6,7 +6,7 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parent.parent / "qwenkit"
-MODEL_CORE = ("qwen.py", "attention.py", "layers.py", "rope.py", "masks.py", "cache.py")
+MODEL_CORE = ("qwen.py", "attention.py", "layers.py", "rope.py", "masks.py", "cache.py", "deltanet.py")
 FORBIDDEN = {  # importing part -> parts it must never import
     "model": {"backends", "engine", "server", "train", "eval", "bench", "commands", "weights"},
     "loader": {"train", "server", "eval", "bench"},

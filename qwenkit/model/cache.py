@@ -29,7 +29,7 @@ from typing import Protocol
 
 import torch
 
-from ..errors import ConfigError
+from ..config import ConfigError  # the model core imports only the model and its config
 from .masks import layer_masks, positions_of
 
 
