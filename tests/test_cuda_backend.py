@@ -188,3 +188,24 @@ def test_bench_runners_reuse_their_caches_and_the_static_cache_peer_matches_eage
         got[name] = runs[0]
     assert got["qwenkit"] == got["eager"] and got["static"] == got["eager"]
     assert len(qk.caches) == 1
+
+
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_prefill_on_a_dense_copy_equals_the_packed_kernels(scheme):
+    """The CUDA forms of int8 / int4 layers (run here on a bf16 CPU model, whose int4 layout is
+    torch's): many rows multiply a dense copy of W made once, equal to the packed kernel's
+    product; a few rows still go to the packed kernel."""
+    from qwenkit.backends.cuda import quant_form
+    from qwenkit.backends.quant import quantize
+
+    model = quantize(tiny_model().to(torch.bfloat16), scheme)
+    layer = model.model.layers[0].mlp.down_proj
+    x = torch.randn(40, layer.in_features, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    packed = layer(x).float()
+    cls = quant_form(layer)
+    assert cls is not None
+    layer.__class__ = cls  # what backends.install does on a CUDA model
+    dense = layer(x).float()
+    assert "_dense" in layer.__dict__ and layer.__dict__["_dense"].shape == (layer.out_features, layer.in_features)
+    torch.testing.assert_close(dense, packed, rtol=2e-2, atol=2e-2 * packed.abs().max().item())
+    torch.testing.assert_close(layer(x[:3]).float(), packed[:3], rtol=0, atol=0)

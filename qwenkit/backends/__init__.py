@@ -72,6 +72,8 @@ def install(model, name: str | None = None):
     if name == "cpu-kernels":
         _STEPS[model] = FusedDecode(model)
     if name == "cuda-graphs":
+        if model.device.type == "cuda":
+            _retype(model, cuda.quant_form)
         if cuda.kernel_available(model):
             cuda.swap_attention(model)
         _STEPS[model] = GraphedDecode(model, capture=model.device.type == "cuda")
