@@ -148,6 +148,11 @@ class GraphedDecode:
         cache.end(1)
         return logits[:, None]  # (B, 1, V), as the model returns it
 
+    @property
+    def capture_s(self) -> float:
+        """Seconds spent recording graphs, over every static cache this step has run."""
+        return sum(step.call.capture_s for step in self._steps.values())
+
     def verify(self, input_ids, *, cache):
         """A speculative verify call (many tokens a row): the model's forward."""
         return self.model(input_ids, cache=cache)

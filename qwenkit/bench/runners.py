@@ -210,6 +210,10 @@ def run(spec: dict) -> dict:
         from .bounds import flops_per_token, weight_bytes_per_token
 
         result["weight_bytes_per_token"] = weight_bytes_per_token(runner.model)
+        from qwenkit.backends import installed
+
+        if installed(runner.model) == "cuda-graphs":
+            result["graph_capture_s"] = runner.decode.capture_s
         result["prefill_flops_per_token"] = flops_per_token(runner.model, spec["prompt_len"] // 2)
     return result
 
