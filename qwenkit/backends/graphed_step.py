@@ -109,11 +109,12 @@ class PagedStepCache(_StepCache):
 class _DenseStep:
     """One static cache's decode: buffers of its batch, one graph."""
 
-    def __init__(self, model, rope: RopeTable, k, v, capture: bool):
+    def __init__(self, model, rope: RopeTable, k, v, length: int, capture: bool):
         B, L = k.shape[1], k.shape[3]
         self.model, self.rope, self.batch, self.max_len = model, rope, B, L
         self.ids = torch.zeros(B, 1, dtype=torch.long, device=k.device)
-        self.positions = torch.zeros(B, 1, dtype=torch.long, device=k.device)
+        # the capture's runs write slot `length`, which the first real step then writes again
+        self.positions = torch.full((B, 1), length, dtype=torch.long, device=k.device)
         self.cache = DenseStepCache(k, v, self.positions[0])
         self.call = StaticCall(self._run, (B,), capture, name="static-cache decode")
 
@@ -165,7 +166,7 @@ class GraphedDecode:
             v[:, :, :, length:].zero_()
             if self.rope is None or self.rope.n < k.shape[3]:
                 self.rope = RopeTable(self.model, k.shape[3])
-            step = self._steps[cache] = _DenseStep(self.model, self.rope, k, v, self.capture)
+            step = self._steps[cache] = _DenseStep(self.model, self.rope, k, v, length, self.capture)
         return step
 
 
