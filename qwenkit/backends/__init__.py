@@ -104,6 +104,8 @@ def has_paged_step(model) -> bool:
     """Whether `paged_step` gives this model a step (the runner then adds the scratch block)."""
     if installed(model) != "cuda-graphs" or not static_ok(model):
         return False
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return False  # tensor-parallel ranks must run calls of one shape; padding is per rank
     # on CUDA without the in-place kernel the plain op would gather each row's whole table a step
     return model.device.type != "cuda" or cuda.kernel_available(model)
 
