@@ -209,3 +209,35 @@ def test_quantized_prefill_on_a_dense_copy_equals_the_packed_kernels(scheme):
     assert "_dense" in layer.__dict__ and layer.__dict__["_dense"].shape == (layer.out_features, layer.in_features)
     torch.testing.assert_close(dense, packed, rtol=2e-2, atol=2e-2 * packed.abs().max().item())
     torch.testing.assert_close(layer(x[:3]).float(), packed[:3], rtol=0, atol=0)
+
+
+ENGINE_IN_PLACE = """
+import sys, torch
+sys.path.insert(0, {tests!r})
+from test_cuda_backend import SLIDING, _with_backend
+from test_engine import random_prompts, run_staggered, tiny_model
+from qwenkit.backends import cuda
+from qwenkit.engine import Engine, EngineSettings, SamplingParams
+model = tiny_model(seed=5, **SLIDING)
+model.eos_token_ids = []
+prompts = random_prompts(4, 1, 14, 256, seed=1)
+settings = EngineSettings(block_size=4, num_blocks=24, max_prefill_tokens=8, max_num_seqs=3)
+params = SamplingParams(temperature=0, max_tokens=6)
+ref = run_staggered(Engine(_with_backend(model, "torch"), settings), prompts, params)
+_with_backend(model, "cuda-graphs")
+cuda.swap_attention(model)  # what install does on a CUDA model with Triton
+engine = Engine(model, settings)
+assert engine.runner.static.in_place
+assert run_staggered(engine, prompts, params) == ref
+print("engine in place ok")
+"""
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton); the gather form is tested above")
+def test_engine_with_the_in_place_kernel_gives_the_current_engines_tokens():
+    """The GPU engine's decode as a CUDA model runs it (padded static step, attention by the Triton
+    kernel straight from the pool, no gathered slots, no masks), under Triton's CPU interpreter."""
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run([sys.executable, "-c", ENGINE_IN_PLACE.format(tests=str(Path(__file__).parent))],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0 and "engine in place ok" in proc.stdout, proc.stderr[-2000:]

@@ -116,7 +116,7 @@ def paged_step(model, pool_k, pool_v, block_size: int, scratch_block: int, max_b
     block of the pool no sequence owns (padding rows write there); `max_blocks`: a row's most."""
     if not has_paged_step(model):
         return None
-    in_place = cuda.kernel_available(model)
+    in_place = isinstance(model.model.layers[0].self_attn.sdpa, cuda.PagedKernelSDPA)
     return PagedDecode(model, pool_k, pool_v, block_size, scratch_block, max_blocks, in_place,
                        capture=model.device.type == "cuda")
 
