@@ -102,9 +102,8 @@ def build_app(engine: AsyncEngine, tokenizer, model_name: str, api_key: str | No
                                              add_generation_prompt=True, tokenize=True, tools=tools,
                                              **req.template_kwargs())
         max_tokens = req.max_completion_tokens or req.max_tokens or _rest_of_context(engine, prompt_ids)
-        if req.forces_call and tool_calls != "json":  # the grammar writes Qwen's JSON form only, so far
-            raise RequestError(f"tool_choice: enforcing a call in the {tool_calls} tool-call form is not supported yet")
-        params = req.sampling_params(max_tokens, req.num_logprobs(), tokenizer.special_tokens, reasoning_budget)
+        params = req.sampling_params(max_tokens, req.num_logprobs(), tokenizer.special_tokens, reasoning_budget,
+                                     tool_format=tool_calls)
         await asyncio.to_thread(engine.engine.validate, prompt_ids, params)  # compiles a grammar off the loop
         streams = choices.submit(engine, prompt_ids, params, req.num_choices(), adapter)
         reply = Reply("chat", req.model, tokenizer, len(prompt_ids))

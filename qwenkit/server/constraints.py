@@ -4,8 +4,8 @@ Three sources, in OpenAI's and vLLM's spellings: `response_format` (`json_schema
 `json_object`), `structured_outputs` (`json`, `regex`, `choice`, `grammar`, `json_object`) and,
 for chat, `tool_choice: "required"` or a named function. A forced tool call is a grammar in the
 format the model's chat template asks for: Qwen2.5/Qwen3's `<tool_call>\\n{"name": ..., "arguments":
-{...}}\\n</tool_call>`, the arguments held to the tool's JSON schema; with `parallel_tool_calls:
-false`, exactly one call.
+{...}}\\n</tool_call>`, the arguments held to the tool's JSON schema, or Qwen3-Coder/Qwen3.5's XML
+form (xml_call_grammar.py); with `parallel_tool_calls: false`, exactly one call.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 
 from ..engine.sampling_params import StructuredOutputs
 from ..errors import RequestError
+from .xml_call_grammar import xml_call_lark
 
 CALL_OPEN, CALL_CLOSE = "<tool_call>", "</tool_call>"
 
@@ -45,8 +46,13 @@ def from_structured_outputs(so) -> StructuredOutputs | None:
     return StructuredOutputs(**{kind: value}, origin=f"structured_outputs.{kind}")
 
 
-def tool_call_grammar(tools: list[dict], special_tokens: dict[str, int], parallel: bool) -> StructuredOutputs:
-    """A Lark grammar for one call (or several, when parallel) to one of `tools` (OpenAI tool dicts)."""
+def tool_call_grammar(tools: list[dict], special_tokens: dict[str, int], parallel: bool,
+                      tool_format: str = "json") -> StructuredOutputs:
+    """A Lark grammar for one call (or several, when parallel) to one of `tools` (OpenAI tool dicts),
+    in `tool_format` (a key of tokenizer.output.TOOL_FORMATS)."""
+    if tool_format != "json":
+        lark = xml_call_lark(tools, special_tokens, parallel, framed=tool_format == "xml")
+        return StructuredOutputs(grammar=lark, origin="tools")
     schemas = [_call_schema(t["function"]) for t in tools]
     one = schemas[0] if len(schemas) == 1 else {"anyOf": schemas}
     # Qwen writes a call on one line, json.dumps style: at most a space between JSON tokens.

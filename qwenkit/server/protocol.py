@@ -104,9 +104,10 @@ class SamplingFields(Strict):
         return data
 
     def sampling_params(self, max_tokens: int, logprobs: int | None, special_tokens: dict[str, int] | None = None,
-                        thinking_budget: int | None = None) -> SamplingParams:
-        """The engine's settings; `special_tokens` (the tokenizer's) shape tool-call grammars,
-        `thinking_budget` is the server's default for requests that set none."""
+                        thinking_budget: int | None = None, tool_format: str = "json") -> SamplingParams:
+        """The engine's settings; `special_tokens` (the tokenizer's) and `tool_format` (the chat
+        template's) shape tool-call grammars, `thinking_budget` is the server's default for
+        requests that set none."""
         try:
             bias = {int(k): v for k, v in (self.logit_bias or {}).items()}
         except ValueError:
@@ -118,11 +119,11 @@ class SamplingFields(Strict):
             presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
             repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
-            skip_special_tokens=self.skip_special_tokens, structured=self.constraint(special_tokens),
+            skip_special_tokens=self.skip_special_tokens, structured=self.constraint(special_tokens, tool_format),
             thinking_budget=self.thinking_budget if self.thinking_budget is not None else thinking_budget)
         return SamplingParams(**{**settings, **self.stop_changes(special_tokens)})
 
-    def constraint(self, special_tokens: dict[str, int]) -> StructuredOutputs | None:
+    def constraint(self, special_tokens: dict[str, int], tool_format: str = "json") -> StructuredOutputs | None:
         fmt = constraints.from_response_format(self.response_format)
         so = constraints.from_structured_outputs(self.structured_outputs)
         if fmt and so:
@@ -196,7 +197,7 @@ class ChatCompletionRequest(SamplingFields):
     parallel_tool_calls: bool | None = None
     chat_template_kwargs: dict[str, Any] | None = None
 
-    def constraint(self, special_tokens: dict[str, int]) -> StructuredOutputs | None:
+    def constraint(self, special_tokens: dict[str, int], tool_format: str = "json") -> StructuredOutputs | None:
         """response_format / structured_outputs, or the grammar of a forced tool call."""
         answer = super().constraint(special_tokens)
         if not self.forces_call:
@@ -204,7 +205,8 @@ class ChatCompletionRequest(SamplingFields):
         if answer is not None:
             raise RequestError("tool_choice: a forced tool call cannot be combined with response_format "
                                "or structured_outputs")
-        return constraints.tool_call_grammar(self.template_tools(), special_tokens, self.parallel_tool_calls is not False)
+        return constraints.tool_call_grammar(self.template_tools(), special_tokens, self.parallel_tool_calls is not False,
+                                             tool_format)
 
     def stop_changes(self, special_tokens: dict[str, int]) -> dict:
         if self.parallel_tool_calls is not False or not self.tools or self.tool_choice == "none" or self.forces_call:
