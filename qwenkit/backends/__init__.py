@@ -27,6 +27,7 @@ from .cpu import attention_form, cpu_form
 from .fused_decode import FusedDecode
 from .graphed_step import GraphedDecode, PagedDecode, static_ok
 from .host import native_bf16
+from .quant import Int4Linear
 
 # "cuda-graphs": one-token steps on static buffers, captured in CUDA graphs on a GPU (run eagerly,
 # same buffers, when installed on a CPU model, as the tests do); paged decode reads blocks in place.
@@ -119,6 +120,20 @@ def paged_step(model, pool_k, pool_v, block_size: int, scratch_block: int, max_b
     in_place = isinstance(model.model.layers[0].self_attn.sdpa, cuda.PagedKernelSDPA)
     return PagedDecode(model, pool_k, pool_v, block_size, scratch_block, max_blocks, in_place,
                        capture=model.device.type == "cuda")
+
+
+def batch_invariant_rows(model) -> int:
+    """How many one-token rows one decode call may hold with each row's logits independent of the
+    others' (bit for bit): the C kernels' row count where every linear of the model is one of
+    qwenkit's GEMVs (int8, own-layout int4, bf16-stored weights: each row's sums run in the same
+    order whatever the batch; norms, rope and attention run per row in C too), else 1 - torch's GEMMs pick their kernel by the row count (fp32 rows
+    1-3 and 4+ sum differently on the hosts measured), so such a model decodes a row per call."""
+    if installed(model) != "cpu-kernels":
+        return 1
+    for m in model.modules():  # hooks (LoRA adapters) add their own torch matmuls
+        if isinstance(m, nn.Linear) or (isinstance(m, Int4Linear) and not m.own_layout) or m._forward_hooks:
+            return 1
+    return cpu_kernels.MAX_ROWS
 
 
 def _plain_form(module: nn.Module) -> type | None:

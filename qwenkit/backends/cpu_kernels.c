@@ -623,12 +623,17 @@ static inline __attribute__((always_inline)) int attend_one(
             float *o = out + h0 * D;  // accumulates unnormalised until the last chunk
             for (int64_t i = 0; i < G * D; i++) o[i] = 0.0f;
             for (int64_t g = 0; g < G; g++) top[g] = -INFINITY, total[g] = 0.0f;
-            int64_t n = run_length(layout, 0, S < ATTEND_CHUNK ? S : ATTEND_CHUNK), at = slot_offset(layout, b, 0);
-            for (int64_t c0 = 0; c0 < S;) {
+            // The row's own length (past its last visible position), not the batch's longest:
+            // the chunks, and so every sum, are then the same whatever the row is batched with.
+            int64_t Sb = S;
+            while (mb && Sb > 0 && !mb[Sb - 1]) Sb--;
+            int64_t n = Sb ? run_length(layout, 0, Sb < ATTEND_CHUNK ? Sb : ATTEND_CHUNK) : 0;
+            int64_t at = slot_offset(layout, b, 0);
+            for (int64_t c0 = 0; c0 < Sb;) {
                 const void *kc = kv_at(kh, at, KV_BF16), *vc = kv_at(vh, at, KV_BF16);
                 // Ask for the next chunk now: reading the cache cold, one line at a time, ran at
                 // a quarter of the bandwidth.
-                const int64_t c1 = c0 + n, left = S - c1;
+                const int64_t c1 = c0 + n, left = Sb - c1;
                 const int64_t n1 = left > 0 ? run_length(layout, c1, left < ATTEND_CHUNK ? left : ATTEND_CHUNK) : 0;
                 const int64_t at1 = n1 ? slot_offset(layout, b, c1) : 0;
                 for (int64_t g = 0; g < G; g++) {
@@ -809,8 +814,8 @@ static inline void add_rows(float *x, const float *d, int64_t n) {
 // own_length (the verify step's form, qk_verify_layers): row b attends positions [0, pos[b]] alone,
 // unmasked, each row in its own attention call. The rows are then successive tokens of one
 // sequence (layout sb = 0: every row reads and writes the same cache row) and each row's
-// arithmetic is the one-token step's at its position: one call of S keys splits them into
-// vector lanes and scalar tails by S, so a shared S with a mask would sum in another order.
+// arithmetic is the one-token step's at its position (the attention stops each row at its own
+// last visible position, so this equals one masked call; it needs no (B, S) mask built).
 static int decode_layers(const qk_layer *layers, int64_t n_layers, float *x, int64_t B, int64_t hidden, int64_t H,
                          int64_t Hkv, int64_t D, int64_t I, float eps, const float *cos, const float *sin,
                          int64_t cs_rows, float *k_cache, float *v_cache, int64_t layer_stride,

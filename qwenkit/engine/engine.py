@@ -38,15 +38,17 @@ class Engine:
         self.max_model_len = min(settings.max_model_len or model.config.context_length, model.config.context_length)
         self.vocab_size = model.config.vocab_size
         num_blocks = plan_num_blocks(model, settings, self.max_model_len)
-        self.blocks = BlockManager(num_blocks, settings.block_size, settings.enable_prefix_caching)
+        self.blocks = BlockManager(num_blocks, settings.block_size,
+                                   settings.enable_prefix_caching and not settings.deterministic)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
-                                   model.eos_token_ids, self.max_model_len)
+                                   model.eos_token_ids, self.max_model_len, settings.deterministic)
         # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
         self.adapters = AdapterSet(model, settings.max_loras, settings.max_lora_rank) if settings.max_loras else None
         # structured outputs and thinking budgets (grammars need the tokenizer's vocabulary)
         self.guidance = Guidance(tokenizer, self.vocab_size, model.eos_token_ids) if tokenizer is not None else None
-        self.runner = ModelRunner(model, num_blocks, settings.block_size, Sampler(guidance=self.guidance),
-                                  adapters=self.adapters)
+        sampler = Sampler(guidance=self.guidance, batch_invariant=settings.deterministic)
+        self.runner = ModelRunner(model, num_blocks, settings.block_size, sampler, adapters=self.adapters,
+                                  deterministic=settings.deterministic)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)

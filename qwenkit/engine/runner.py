@@ -13,13 +13,17 @@ Where the backend has one (`backends.paged_step`: cuda-graphs), decode calls of 
 run on its static-buffer step instead: rows padded to the next captured batch size, a CUDA graph
 replayed per step. The pool then holds one block more than the block manager hands out: the
 scratch block padding rows write to.
+
+Deterministic runners give each prefill chunk a call of its own and put decode rows together
+only as far as the installed kernels keep rows independent (`backends.batch_invariant_rows`;
+with adapters, a row per call), so a row's numbers never depend on its neighbours'.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..backends import decode_step, has_paged_step, paged_step
+from ..backends import batch_invariant_rows, decode_step, has_paged_step, paged_step
 from ..model.masks import slot_masks
 from .kv_cache import PagedKVCache
 from .sampler import Sample, Sampler
@@ -33,7 +37,8 @@ def attention_layout(model) -> tuple[int, int]:
 
 
 class ModelRunner:
-    def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None, adapters=None):
+    def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None, adapters=None,
+                 deterministic: bool = False):
         self.model = model
         self.device = model.device
         n_kv, head_dim = attention_layout(model)
@@ -43,11 +48,14 @@ class ModelRunner:
                                   model.dtype, model.device)
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
-        self.sampler = sampler or Sampler()
+        self.sampler = sampler or Sampler(batch_invariant=deterministic)
         self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
         max_blocks = min(num_blocks, -(-cfg.context_length // block_size))
         self.static = paged_step(model, self.cache.k, self.cache.v, block_size, num_blocks, max_blocks)
         self.adapters = adapters  # a model.multi_lora.AdapterSet, when the engine serves LoRA adapters
+        # rows per call: decode rows, prefill chunks (None: all of them in one call)
+        decode_rows = batch_invariant_rows(model) if adapters is None else 1
+        self.call_rows = (decode_rows, 1) if deterministic else (None, None)
         # Set by tensor parallelism: called with each step's groups before they run, so the
         # other ranks run the same model calls on their shards.
         self.broadcast = None
@@ -69,12 +77,16 @@ class ModelRunner:
                     results[i] = sample
         return results
 
-    @staticmethod
-    def groups(chunks: list[Chunk]) -> list[list[int]]:
-        """Chunk indices per model call: decode rows together, then prefill chunks together."""
+    def groups(self, chunks: list[Chunk]) -> list[list[int]]:
+        """Chunk indices per model call: decode rows together, then prefill chunks together (in
+        calls of at most `call_rows` each)."""
         decodes = [i for i, c in enumerate(chunks) if c.num_tokens == 1]
         prefills = [i for i, c in enumerate(chunks) if c.num_tokens > 1]
-        return [g for g in (decodes, prefills) if g]
+        out = []
+        for group, rows in zip((decodes, prefills), self.call_rows):
+            rows = rows or max(len(group), 1)
+            out += [group[i:i + rows] for i in range(0, len(group), rows)]
+        return out
 
     @torch.inference_mode()
     def forward(self, chunks: list[Chunk]) -> torch.Tensor:

@@ -31,12 +31,15 @@ class Sample:
 
 
 class Sampler:
-    def __init__(self, seed: int | None = None, guidance: Guidance | None = None):
+    def __init__(self, seed: int | None = None, guidance: Guidance | None = None, batch_invariant: bool = False):
         # None: torch's global generator, so unseeded requests differ run to run (torch.manual_seed fixes them)
         self.generator = torch.Generator().manual_seed(seed) if seed is not None else None
         self.request_generators: dict[int, torch.Generator] = {}
         self.guidance = guidance  # grammars and thinking budgets; None: requests may not ask for them
         self.guides: dict[int, Guide] = {}
+        # Draw each row alone: the shared top-k width (the batch's largest top_k) changes the
+        # softmax's summation length, and with it the last bits of a row's probabilities.
+        self.batch_invariant = batch_invariant
 
     def release(self, seq: TokenSequence) -> None:
         self.request_generators.pop(seq.seq_id, None)
@@ -56,9 +59,10 @@ class Sampler:
         forced = self._guide(logits, seqs)
         tokens = logits.argmax(-1)  # (B,)
         random_rows = [i for i, s in enumerate(seqs) if not s.params.greedy]
-        if random_rows:  # forced rows draw too, so the shared generator advances as without them
-            drawn = self._draw(logits[random_rows], [seqs[i] for i in random_rows])
-            tokens[random_rows] = drawn
+        # forced rows draw too, so the shared generator advances as without them
+        groups = [[i] for i in random_rows] if self.batch_invariant else [random_rows] * bool(random_rows)
+        for rows in groups:
+            tokens[rows] = self._draw(logits[rows], [seqs[i] for i in rows])
         for i, token in forced.items():
             tokens[i] = token
         ids = tokens.tolist()  # the one device-to-host transfer of a plain step

@@ -2,7 +2,8 @@
 
 Continuous batching: every step, running sequences decode one token each, partly prefilled
 prompts continue, and waiting requests are admitted while blocks, batch slots and the prefill
-token budget last; long prompts are prefilled `max_prefill_tokens` at a time. When a running
+token budget last; long prompts are prefilled `max_prefill_tokens` at a time (with `deterministic`, in chunks that
+depend on the sequence alone: see `chunk_size`). When a running
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks
 are freed and it waits at the front of the queue to be recomputed (prompt and output so far).
 """
@@ -39,12 +40,13 @@ class Chunk:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
-                 eos_token_ids=(), max_model_len: int | None = None):
+                 eos_token_ids=(), max_model_len: int | None = None, deterministic: bool = False):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
+        self.deterministic = deterministic
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -72,8 +74,7 @@ class Scheduler:
                 if not self._make_room(seq):
                     break  # seq itself was the newest, so nothing follows it
                 chunks.append(Chunk(seq, seq.num_computed_tokens, 1))
-            elif budget > 0:
-                n = min(seq.num_uncomputed_tokens, budget)
+            elif (n := self.chunk_size(seq, budget)) > 0:
                 budget -= n
                 chunks.append(Chunk(seq, seq.num_computed_tokens, n))
             i += 1
@@ -93,16 +94,31 @@ class Scheduler:
         chunks = []
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             seq = self.waiting[0]
-            if not self.blocks.can_allocate(seq):
+            if not self.blocks.can_allocate(seq) or self.chunk_size(seq, budget) == 0:
                 break
             self.waiting.popleft()
             self.blocks.allocate(seq)
             seq.status = Status.RUNNING
             self.running.append(seq)
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = self.chunk_size(seq, budget)
             budget -= n
             chunks.append(Chunk(seq, seq.num_computed_tokens, n))
         return chunks
+
+    def chunk_size(self, seq: Sequence, budget: int) -> int:
+        """Tokens of seq to compute next (0: none this step). Normally as many as the budget takes.
+        Deterministic: prompt chunks on a grid of `max_prefill_tokens` from position 0, never cut
+        by the budget (a chunk that does not fit waits), and generated tokens recomputed after a
+        preemption one at a time, as they were decoded - so each token's numbers are the same
+        whatever else runs in the step."""
+        start = seq.num_computed_tokens
+        if not self.deterministic:
+            return min(seq.num_uncomputed_tokens, budget)
+        if start >= seq.num_prompt_tokens:
+            return 1
+        C = self.max_prefill_tokens
+        n = min(seq.num_prompt_tokens - start, C - start % C)
+        return n if n <= budget else 0
 
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)

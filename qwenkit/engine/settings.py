@@ -25,6 +25,10 @@ class EngineSettings:
     max_lora_rank: int = 16  # the largest adapter rank, what each adapter slot reserves for
     max_queued_requests: int | None = None  # AsyncEngine: requests waiting beyond this are refused; None: no bound
     request_timeout: float | None = None  # AsyncEngine: seconds from arrival before a request is ended; None: never
+    # Each request's tokens independent of what it is batched with (docs/serving.md): prompts in
+    # chunks of their own, decode rows batched only where the kernels are row-invariant, no
+    # prefix cache (a cached block may have been computed in other chunks than this request's).
+    deterministic: bool = False
 
     def __post_init__(self):
         checks = [(self.block_size >= 1, "block_size must be >= 1"),

@@ -232,6 +232,8 @@ def parser(prog: str):
     p.add_argument("--max-prefill-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--deterministic", action="store_true",
+                   help="each request's tokens independent of what it is batched with (see docs/serving.md)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     adapters.add_flags(p)
@@ -303,7 +305,7 @@ def engine_settings(args):
                           max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                           max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                           max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                          **adapters.settings_from(args))
+                          deterministic=args.deterministic, **adapters.settings_from(args))
 
 
 def load(args):
