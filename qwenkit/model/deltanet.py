@@ -33,12 +33,12 @@ def delta_rule_recurrent(q, k, v, g, beta, state):
     outs = []
     for t in range(q.shape[2]):
         state = state * g[:, :, t, None, None].exp()
-        k_t = k[:, :, t]  # (B, h, dk)
-        recalled = torch.einsum("bhkv,bhk->bhv", state, k_t)  # what S holds for k_t
-        delta = (v[:, :, t] - recalled) * beta[:, :, t, None]  # (B, h, dv)
-        state = state + k_t[..., None] * delta[..., None, :]
-        outs.append(torch.einsum("bhkv,bhk->bhv", state, q[:, :, t]))
-    return torch.stack(outs, dim=2), state
+        k_t = k[:, :, t, None, :]  # (B, h, 1, dk)
+        recalled = k_t @ state  # (B, h, 1, dv): what S holds for k_t
+        delta = (v[:, :, t, None, :] - recalled) * beta[:, :, t, None, None]
+        state = state + k_t.transpose(-1, -2) @ delta  # rank-1 update (B, h, dk, dv)
+        outs.append(q[:, :, t, None, :] @ state)  # (B, h, 1, dv)
+    return torch.cat(outs, dim=2), state
 
 
 def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
@@ -86,10 +86,17 @@ def _segment_sums(g: torch.Tensor) -> torch.Tensor:
 
 def causal_conv(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor):
     """Depthwise causal convolution + SiLU of x (B, C, T) after `past` (B, C, K-1), the inputs
-    before it; weight (C, 1, K) -> (output (B, C, T), the last K-1 inputs)."""
+    before it; weight (C, 1, K) -> (output (B, C, T), the last K-1 inputs). K shifted
+    multiply-adds: oneDNN's depthwise convolution took 34 ms for one decode token of 12,288
+    channels, this takes well under one."""
     full = torch.cat([past.to(x.dtype), x], dim=-1)  # (B, C, K-1+T)
-    out = F.conv1d(full, weight, groups=x.shape[1])  # (B, C, T)
-    return F.silu(out), full[..., full.shape[-1] - past.shape[-1]:]
+    K, T = weight.shape[-1], x.shape[-1]
+    acc = torch.promote_types(x.dtype, torch.float32)  # sums in float32, rounded once, as a convolution does
+    taps, w = full.to(acc), weight[:, 0].to(acc)  # w (C, K)
+    out = taps[..., :T] * w[:, 0, None]
+    for j in range(1, K):
+        out = out + taps[..., j : j + T] * w[:, j, None]  # (B, C, T)
+    return F.silu(out.to(x.dtype)), full[..., full.shape[-1] - past.shape[-1]:]
 
 
 class GatedRMSNorm(nn.Module):
