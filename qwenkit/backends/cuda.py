@@ -31,7 +31,7 @@ class PagedKernelSDPA(SDPA):
         self.window = window
 
     def paged(self, q, k_pool, v_pool, slots, mask):
-        if not kernel_fits(q, slots.block_size):
+        if not kernel_fits(q):
             return super().paged(q, k_pool, v_pool, slots, mask)
         lengths = slots.write_at + 1  # (B,) the query is the row's last position
         return paged_decode(q, k_pool, v_pool, slots.tables, lengths, slots.block_size, self.window)

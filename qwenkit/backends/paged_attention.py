@@ -1,7 +1,8 @@
 """One-query (decode) attention over the engine's paged pool, reading K/V blocks in place.
 
-`paged_decode` runs a Triton kernel (`paged_attention_kernel.py`): one program per (row, K/V head) walks the row's block table
-with an online softmax, so no step gathers a row's context into a new tensor. It runs where
+`paged_decode` runs a Triton kernel (`paged_attention_kernel.py`): one program per (row, K/V
+head) reads the row's keys 64 at a time through its block table, with an online softmax, so no
+step gathers a row's context into a new tensor. It runs where
 Triton runs (CUDA; on a CPU only under Triton's interpreter, `TRITON_INTERPRET=1`, which the
 tests use). `paged_decode_torch` is the same attention in plain torch (gather the table's slots,
 SDPA under the causal / window mask): the reference the kernel is tested against, and what runs
@@ -22,6 +23,7 @@ import torch.nn.functional as F
 from ..model.masks import slot_masks
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None  # imported on first use (~0.5 s)
+TILE = 64  # keys a kernel iteration reads (several blocks of any size)
 
 
 def paged_decode_torch(q, k_pool, v_pool, tables, lengths, block_size: int, window: int | None) -> torch.Tensor:
@@ -35,10 +37,9 @@ def paged_decode_torch(q, k_pool, v_pool, tables, lengths, block_size: int, wind
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
 
 
-def kernel_fits(q: torch.Tensor, block_size: int) -> bool:
-    """Whether `paged_decode` takes this call: Triton present, one query a row, and a power-of-two
-    block size (the kernel's tile)."""
-    return HAS_TRITON and q.shape[2] == 1 and block_size & (block_size - 1) == 0
+def kernel_fits(q: torch.Tensor) -> bool:
+    """Whether `paged_decode` takes this call: Triton present and one query a row."""
+    return HAS_TRITON and q.shape[2] == 1
 
 
 def paged_decode(q, k_pool, v_pool, tables, lengths, block_size: int, window: int | None) -> torch.Tensor:
@@ -54,6 +55,6 @@ def paged_decode(q, k_pool, v_pool, tables, lengths, block_size: int, window: in
     G = H // n_kv
     paged_decode_kernel[(B, n_kv)](
         q, k_pool, v_pool, tables, lengths, out, q.stride(0), q.stride(1), k_pool.stride(0), k_pool.stride(1),
-        tables.stride(0), D ** -0.5, window or 0, G=G, G_PAD=max(triton.next_power_of_2(G), 2), D=D,
-        D_PAD=triton.next_power_of_2(D), BS=block_size)
+        tables.stride(0), D ** -0.5, window or 0, block_size, G=G, G_PAD=max(triton.next_power_of_2(G), 16),
+        D=D, D_PAD=max(triton.next_power_of_2(D), 16), TILE=TILE)
     return out
