@@ -190,3 +190,16 @@ def test_serve_on_a_port_in_use_fails_before_the_model_loads():
         port = taken.getsockname()[1]
         proc = run_cli("serve", "--model", "no-such-model-xyz", "--port", str(port))
     assert_one_line_error(proc, f"--port {port}", "in use")
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["eval", "humaneval", "--temperature", "nan"], "--temperature nan"),
+    (["eval", "humaneval", "--max-tokens", "-3"], "--max-tokens -3"),
+    (["eval", "gsm8k", "--n", "0"], "--n 0"),
+    (["eval", "perplexity", "--context", "0"], "--context 0"),
+    (["train", "score", "--data", "task:arithmetic:3", "--reward", "arithmetic", "--temperature", "-1"],
+     "--temperature -1"),
+    (["train", "score", "--data", "task:arithmetic:3", "--reward", "arithmetic", "--limit", "0"], "--limit 0"),
+])
+def test_bad_eval_and_train_score_flags_fail_before_the_model_loads(args, needle):
+    assert_one_line_error(run_cli(*args, "--model", "no-such-model-xyz"), needle)

@@ -43,6 +43,7 @@ MALFORMED = [
     ("chat/completions", b"not json", "body"),
     ("chat/completions", b"[1, 2]", "body"),
     ("chat/completions", b'{"model": "tiny", "messages": [', "body"),
+    ("chat/completions", b'{"model": "tiny", "messages": [}', "body: not valid JSON at character 31"),
     ("chat/completions", b"[" * 100_000, "body"),
     ("chat/completions", b'\xff\xfe{"model": "tiny"}', "body"),
     ("chat/completions", b'{"model": "tiny", "messages": [{"role": "user", "content": "x"}], "temperature": Infinity}',

@@ -56,8 +56,8 @@ def speculative_arg(text: str) -> str:
     raise argparse.ArgumentTypeError(f"expected 'ngram' or 'draft:PATH', got {text!r}")
 
 
-SAMPLING_FLAGS = {"max_new_tokens": "max_tokens", "temperature": "temperature", "top_k": "top_k",
-                  "top_p": "top_p", "seed": "seed"}  # flag dest -> SamplingParams field
+SAMPLING_FLAGS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature",
+                  "top_k": "top_k", "top_p": "top_p", "seed": "seed"}  # flag dest -> SamplingParams field
 
 
 def check_sampling_args(args) -> None:
@@ -67,7 +67,7 @@ def check_sampling_args(args) -> None:
     from ..errors import RequestError
 
     for dest, name in SAMPLING_FLAGS.items():
-        value = getattr(args, dest)
+        value = getattr(args, dest, None)  # each command has some of them
         try:
             if value is not None:
                 SamplingParams(**{name: value})

@@ -39,9 +39,15 @@ def parser(prog: str) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str], prog: str = "qwenkit eval") -> int:
-    from ..commands.common import model_options
+    from ..commands.common import check_sampling_args, model_options
+    from ..errors import ConfigError
 
     args = parser(prog).parse_args(argv)
+    check_sampling_args(args)
+    for flag in ("n", "batch", "limit", "context", "stride"):
+        value = getattr(args, flag)
+        if value is not None and value < 1:
+            raise ConfigError(f"--{flag} {value}: must be at least 1")
     device, dtype = model_options(args)
     args.device, args.dtype = device, str(dtype).removeprefix("torch.")  # recorded in results
     out = args.out or Path("runs") / "eval" / args.task

@@ -164,7 +164,7 @@ def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(RequestValidationError)
     async def invalid(_request, exc: RequestValidationError):
         fields = [_field(e) for e in exc.errors()]
-        problems = "; ".join(f"{field}: {e.get('msg')}" for field, e in zip(fields, exc.errors()))
+        problems = "; ".join(f"{field}: {_problem(e)}" for field, e in zip(fields, exc.errors()))
         return JSONResponse(error_body(problems or "invalid request", param=fields[0] if fields else None),
                             status_code=400)
 
@@ -200,6 +200,15 @@ def _retry_after(engine: AsyncEngine) -> int:
     """Seconds a refused client should wait: the mean queue time so far, at least 1."""
     _, counts, total = engine.histograms()["request_queue_time"]
     return max(1, math.ceil(total / counts[-1])) if counts[-1] else 1
+
+
+def _problem(error: dict) -> str:
+    """What is wrong, in words; for a body that is not JSON, where and why the parser stopped."""
+    if error.get("type") == "json_invalid":
+        loc, why = error.get("loc", ()), (error.get("ctx") or {}).get("error")
+        at = f" at character {loc[1]}" if len(loc) > 1 and isinstance(loc[1], int) else ""
+        return f"not valid JSON{at}" + (f" ({why})" if why else "")
+    return str(error.get("msg"))
 
 
 def _field(error: dict) -> str:

@@ -150,7 +150,8 @@ def make_data_cmd(argv: list[str], prog: str) -> int:
 def score_cmd(argv: list[str], prog: str) -> int:
     import time
 
-    from ..commands.common import add_model_args, load
+    from ..commands.common import add_model_args, check_sampling_args, load
+    from ..errors import ConfigError
     from .data import read_rows
     from .grpo import greedy_answers
     from .tasks import REWARDS, prompt_messages
@@ -168,6 +169,10 @@ def score_cmd(argv: list[str], prog: str) -> int:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    check_sampling_args(args)
+    for flag in ("limit", "samples", "show"):
+        if getattr(args, flag) < (1 if flag == "limit" else 0):
+            raise ConfigError(f"--{flag} {getattr(args, flag)}: must be at least {1 if flag == 'limit' else 0}")
     model, tok = load(args, adapter=args.adapter)
     rows, report = read_rows(args.data, lambda r: None, max_rows=args.limit)
     prompts = [tok.apply_chat_template(prompt_messages(r), add_generation_prompt=True, tokenize=True) for r in rows]
