@@ -185,6 +185,7 @@ class PagedDecode:
         self.positions = torch.zeros(B, 1, dtype=torch.long, device=dev)
         self.write = torch.full((B,), scratch_block * block_size, dtype=torch.long, device=dev)
         self.tables = torch.full((B, max_blocks), scratch_block, dtype=torch.long, device=dev)
+        self._last_tables: list[list[int]] = []
         self.call = StaticCall(self._run, sizes, capture and capturable(model), name="paged decode")
 
     def padded(self, n: int) -> int | None:
@@ -208,15 +209,22 @@ class PagedDecode:
         """Logits (n, V) for n rows (n <= the largest size): each row's token at its position,
         its blocks in its table. Valid until the next call."""
         n, b, bs = len(tokens), self.padded(len(tokens)), self.block_size
-        width = max(-(-(p + 1) // bs) for p in positions)  # table columns in use
         pad = b - n
         slots = [t[p // bs] * bs + p % bs for t, p in zip(tables, positions)] + [self.scratch * bs] * pad
-        table = [t[:width] + [self.scratch] * (width - len(t[:width])) for t in tables] + [[self.scratch] * width] * pad
         host = torch.tensor([tokens + [0] * pad, positions + [0] * pad, slots], dtype=torch.long)  # (3, b)
         dev = self.ids.device
         host = host.to(dev, non_blocking=True)
         self.ids[:b, 0].copy_(host[0])
         self.positions[:b, 0].copy_(host[1])
         self.write[:b].copy_(host[2])
-        self.tables[:b, :width].copy_(torch.tensor(table, dtype=torch.long).to(dev, non_blocking=True))
+        self._upload_tables(tables)
         return self.call(b)[:n]
+
+    def _upload_tables(self, tables: list[list[int]]) -> None:
+        """Copy the rows whose table changed since the last call (a long context's tables are
+        large; a step changes few). Columns past a row's length may keep older valid ids."""
+        for i, table in enumerate(tables):
+            if i >= len(self._last_tables) or self._last_tables[i] != table:
+                row = torch.tensor(table, dtype=torch.long)
+                self.tables[i, :len(table)].copy_(row.to(self.tables.device, non_blocking=True))
+        self._last_tables = [list(t) for t in tables]  # copies: the block manager grows its lists in place
