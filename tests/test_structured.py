@@ -8,6 +8,7 @@ import json
 import re
 
 import pytest
+import torch
 
 import qwenkit
 from qwenkit.engine.llm import LLM
@@ -142,3 +143,13 @@ def test_the_constraint_starts_after_the_thought(llm, tokenizer):
         assert len(thought) <= budget + len(tokenizer.encode(CLOSE_THINKING))
         answer = tokenizer.decode(out.token_ids[out.token_ids.index(close) + 1:], skip_special_tokens=True)
         assert valid_person(json.loads(answer)), answer
+
+
+def test_allowed_tokens_unpacks_each_bit_as_the_plain_reference():
+    from qwenkit.engine.structured import allowed_tokens
+
+    bits = torch.randint(-2**31, 2**31 - 1, (3, 5), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+    bits[0, 4] = -2**31  # only the sign bit: token 4 * 32 + 31
+    reference = torch.tensor([[bool(int(bits[r, t // 32]) >> (t % 32) & 1) for t in range(150)] for r in range(3)])
+    assert torch.equal(allowed_tokens(bits, 150), reference)
+    assert allowed_tokens(bits, 160)[0, 159] and allowed_tokens(bits, 160)[0, 128:159].sum() == 0

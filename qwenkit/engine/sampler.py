@@ -86,8 +86,9 @@ class Sampler:
             bits = torch.zeros(len(masked), (logits.shape[-1] + 31) // 32, dtype=torch.int32)  # (R, W)
             for k, (_, guide) in enumerate(masked):
                 guide.fill(bits[k])
-            rows = torch.tensor([i for i, _ in masked])
-            logits[rows] = logits[rows].masked_fill(~allowed_tokens(bits, logits.shape[-1]), float("-inf"))
+            banned = ~allowed_tokens(bits, logits.shape[-1])  # (R, V)
+            for k, (i, _) in enumerate(masked):  # in place, row by row: no copy of the batch's logits
+                logits[i].masked_fill_(banned[k], float("-inf"))
         return forced
 
     def _guide_of(self, seq: TokenSequence) -> Guide | None:

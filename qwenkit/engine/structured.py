@@ -22,6 +22,7 @@ import json
 import threading
 from collections import OrderedDict, deque
 
+import numpy as np
 import torch
 
 from ..errors import RequestError
@@ -217,9 +218,12 @@ class Guide:
 
 
 def allowed_tokens(bits: torch.Tensor, vocab_size: int) -> torch.Tensor:
-    """(R, W) int32 bitmasks -> (R, vocab_size) bool."""
-    shifts = torch.arange(32, dtype=torch.int32)
-    return ((bits.unsqueeze(-1) >> shifts) & 1).flatten(1)[:, :vocab_size].bool()
+    """(R, W) int32 bitmasks -> (R, vocab_size) bool. numpy's unpackbits writes one byte a token in
+    one C pass (0.2 ms for 8 rows of Qwen's vocabulary, where shifting (R, W, 32) int32 tensors
+    took 1-100 ms on a busy 2-core host); the words are read as little-endian bytes, so bit t of
+    the mask is bit t % 8 of byte t // 8 on any host."""
+    as_bytes = bits.numpy().astype("<i4", copy=False).view(np.uint8)  # (R, 4W)
+    return torch.from_numpy(np.unpackbits(as_bytes, axis=1, count=vocab_size, bitorder="little")).view(torch.bool)
 
 
 def _bit(t: int) -> int:
