@@ -90,13 +90,18 @@ def kv_bytes(model, context: int, batch: int) -> int:
 
 
 def sweep(models: dict, contexts: list[int], batches: list[int], steps: int, repeats: int) -> list[dict]:
+    """Median decode rate of each model at each point; the models alternate within a point, so a
+    busy host slows them alike."""
     rows = []
-    for name, model in models.items():
-        for context, batch in [(c, 1) for c in contexts] + [(contexts[0], b) for b in batches if b != 1]:
-            rate = statistics.median(decode_rate(model, context, batch, steps) for _ in range(repeats))
-            rows.append({"model": name, "context": context, "batch": batch, "decode_tok_s": rate,
-                         "kv_bytes": kv_bytes(model, context, batch)})
-            print(f"{name:9s} context {context:6d} batch {batch:3d}: {rate:8.1f} tok/s, "
+    for context, batch in [(c, 1) for c in contexts] + [(contexts[0], b) for b in batches if b != 1]:
+        rates = {name: [] for name in models}
+        for _ in range(repeats):
+            for name, model in models.items():
+                rates[name].append(decode_rate(model, context, batch, steps))
+        for name, model in models.items():
+            rows.append({"model": name, "context": context, "batch": batch,
+                         "decode_tok_s": statistics.median(rates[name]), "kv_bytes": kv_bytes(model, context, batch)})
+            print(f"{name:9s} context {context:6d} batch {batch:3d}: {rows[-1]['decode_tok_s']:8.1f} tok/s, "
                   f"KV {rows[-1]['kv_bytes'] / 2**20:8.1f} MiB", flush=True)
     return rows
 

