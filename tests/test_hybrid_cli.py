@@ -32,10 +32,10 @@ def test_generate_and_chat_run_a_hybrid(ckpt):
     assert chat.returncode == 0, chat.stderr
 
 
-def test_serve_refuses_a_hybrid_in_one_line(ckpt):
-    out = _qwenkit("serve", "--model", str(ckpt), "--port", "0")
+def test_serve_refuses_deterministic_mode_on_a_hybrid_in_one_line(ckpt):
+    out = _qwenkit("serve", "--model", str(ckpt), "--port", "0", "--deterministic")
     assert out.returncode != 0 and "Traceback" not in out.stderr
-    assert "does not run hybrid models" in out.stderr and len(out.stderr.strip().splitlines()) == 1
+    assert "does not run deterministic mode" in out.stderr and len(out.stderr.strip().splitlines()) == 1
 
 
 def test_speculative_generate_on_a_hybrid_fails_in_one_line_or_runs(ckpt):

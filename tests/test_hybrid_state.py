@@ -76,9 +76,9 @@ def test_load_model_auto_dtype_runs_plain_modules_and_generates(hybrid):
         assert qwenkit.generate(model, [1, 2, 3], 8) == expected
 
 
-def test_engine_refuses_hybrid_with_one_clear_error(hybrid):
-    from qwenkit.engine.engine import Engine
+def test_engine_refuses_deterministic_mode_on_a_hybrid_with_one_clear_error(hybrid):
+    from qwenkit.engine import Engine, EngineSettings
 
     model = qwenkit.load_model(hybrid, dtype=torch.float32)
-    with pytest.raises(ConfigError, match="does not run hybrid models .*qwen3_5_text.* yet"):
-        Engine(model)
+    with pytest.raises(ConfigError, match="does not run deterministic mode .* on hybrid models .*qwen3_5_text.* yet"):
+        Engine(model, EngineSettings(deterministic=True))

@@ -141,3 +141,32 @@ class BlockManager:
         if block.hash is not None and self.hash_to_block.get(block.hash) == block_id:
             del self.hash_to_block[block.hash]
         block.hash, block.token_ids = None, ()
+
+
+class StateBlockManager(BlockManager):
+    """A hybrid model's bookkeeping: blocks for its attention layers' K/V and, per sequence, one of
+    `num_slots` recurrent-state slots, taken with the first blocks and returned with the last (a
+    preempted sequence loses its slot and recomputes its state from the start). A waiting sequence
+    is admitted only when a slot is free. No prefix cache: a cached block of K/V is of no use
+    without the recurrent state after it, which is not kept."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int):
+        super().__init__(num_blocks, block_size, enable_prefix_caching=False)
+        if num_slots < 1:
+            raise ValueError(f"need at least one state slot, got {num_slots}")
+        self.num_slots = num_slots
+        self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return bool(self.free_slots) and super().can_allocate(seq)
+
+    def allocate(self, seq: Sequence) -> None:
+        assert seq.state_slot is None, f"{seq} already holds state slot {seq.state_slot}"
+        super().allocate(seq)
+        seq.state_slot = self.free_slots.pop()
+
+    def free_seq(self, seq: Sequence) -> None:
+        if seq.state_slot is not None:
+            self.free_slots.append(seq.state_slot)
+            seq.state_slot = None
+        super().free_seq(seq)

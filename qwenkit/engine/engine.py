@@ -16,7 +16,7 @@ import time
 
 from ..errors import ConfigError, RequestError
 from ..model.multi_lora import Adapter, AdapterSet
-from .block_manager import BlockManager
+from .block_manager import BlockManager, StateBlockManager
 from .memory import plan_num_blocks
 from .output import IncrementalText, RequestOutput
 from .runner import ModelRunner
@@ -31,15 +31,16 @@ from .structured import Guidance
 
 class Engine:
     def __init__(self, model, settings: EngineSettings = EngineSettings(), tokenizer=None):
-        if model.config.is_hybrid:
-            raise ConfigError(f"the batching engine does not run hybrid models ({model.config.model_type}: "
-                              "Gated DeltaNet layers) yet; use `qwenkit generate` or `qwenkit chat`")
+        _check_hybrid(model, settings)
         self.model, self.settings, self.tokenizer = model, settings, tokenizer
         self.max_model_len = min(settings.max_model_len or model.config.context_length, model.config.context_length)
         self.vocab_size = model.config.vocab_size
         num_blocks = plan_num_blocks(model, settings, self.max_model_len)
-        self.blocks = BlockManager(num_blocks, settings.block_size,
-                                   settings.enable_prefix_caching and not settings.deterministic)
+        if model.config.is_hybrid:  # a slot per running sequence; no prefix cache (see StateBlockManager)
+            self.blocks = StateBlockManager(num_blocks, settings.block_size, settings.max_num_seqs)
+        else:
+            self.blocks = BlockManager(num_blocks, settings.block_size,
+                                       settings.enable_prefix_caching and not settings.deterministic)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
                                    model.eos_token_ids, self.max_model_len, settings.deterministic)
         # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
@@ -48,7 +49,8 @@ class Engine:
         self.guidance = Guidance(tokenizer, self.vocab_size, model.eos_token_ids) if tokenizer is not None else None
         sampler = Sampler(guidance=self.guidance, batch_invariant=settings.deterministic)
         self.runner = ModelRunner(model, num_blocks, settings.block_size, sampler, adapters=self.adapters,
-                                  deterministic=settings.deterministic)
+                                  deterministic=settings.deterministic,
+                                  num_state_slots=settings.max_num_seqs if model.config.is_hybrid else 0)
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
@@ -214,3 +216,15 @@ class Engine:
 
 def _prompt_computed(seq: Sequence) -> bool:
     return seq.num_computed_tokens >= seq.num_prompt_tokens
+
+
+def _check_hybrid(model, settings: EngineSettings) -> None:
+    """ConfigError naming what the engine does not run on a hybrid model (Gated DeltaNet layers) yet."""
+    if not model.config.is_hybrid:
+        return
+    unsupported = [(settings.deterministic, "deterministic mode (batch-invariant DeltaNet kernels)"),
+                   (settings.max_loras > 0, "LoRA adapters (max_loras > 0)")]
+    for bad, what in unsupported:
+        if bad:
+            raise ConfigError(f"the batching engine does not run {what} on hybrid models "
+                              f"({model.config.model_type}) yet")

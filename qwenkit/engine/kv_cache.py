@@ -25,6 +25,10 @@ class PagedKVCache:
         # the prepared call (see `prepare`)
         self.positions = self.masks = self.write_slots = self.write_rows = self.slot_map = None
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
     @staticmethod
     def bytes_per_block(num_layers: int, block_size: int, n_kv: int, head_dim: int, dtype: torch.dtype) -> int:
         return 2 * num_layers * block_size * n_kv * head_dim * dtype.itemsize

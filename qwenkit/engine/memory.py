@@ -1,7 +1,8 @@
 """How many KV blocks the engine gets: from `num_blocks`, a byte budget, or a share of free memory.
 
 The budget (`kv_cache_memory`, or `kv_cache_fraction` of free memory) also pays for the LoRA
-adapter slots (`max_loras` of rank up to `max_lora_rank`): the KV cache gets what they leave.
+adapter slots (`max_loras` of rank up to `max_lora_rank`) and, for a hybrid model, the
+`max_num_seqs` recurrent-state slots (`state_bytes`): the KV cache gets what they leave.
 
 An explicit budget is checked against the memory free on the device before anything is
 allocated: a cache larger than what is free is refused with a ConfigError naming the setting,
@@ -23,6 +24,7 @@ from ..errors import ConfigError
 from ..model.multi_lora import nbytes_for
 from .kv_cache import PagedKVCache
 from .runner import attention_layout
+from .state_cache import bytes_per_slot
 from .settings import EngineSettings
 
 _CGROUP = Path("/sys/fs/cgroup")
@@ -98,21 +100,23 @@ def free_for_kv(model, settings: EngineSettings) -> int:
 def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
     """Blocks that fit the budget, but no more than `max_num_seqs` full contexts need."""
     n_kv, head_dim = attention_layout(model)
-    per_block = PagedKVCache.bytes_per_block(model.config.num_hidden_layers, settings.block_size,
+    per_block = PagedKVCache.bytes_per_block(len(model.config.attention_layers), settings.block_size,
                                              n_kv, head_dim, model.dtype)
+    states = state_bytes(model, settings)
     if settings.num_blocks is not None:
-        check_fits(settings.num_blocks * per_block, model.device,
+        check_fits(settings.num_blocks * per_block + states, model.device,
                    f"num_blocks (--num-kv-blocks) {settings.num_blocks}")
         return settings.num_blocks
     if settings.kv_cache_memory is not None:
         check_fits(settings.kv_cache_memory, model.device, "kv_cache_memory (--kv-cache-memory)")
     budget = settings.kv_cache_memory or int(settings.kv_cache_fraction * free_for_kv(model, settings))
     adapters = adapter_bytes(model, settings)
-    if adapters + per_block > budget:
-        raise ConfigError(f"{settings.max_loras} LoRA adapter slots of rank {settings.max_lora_rank} take "
-                          f"{adapters / 2**20:.0f} MiB, leaving no room for the KV cache in the budget of "
-                          f"{budget / 2**20:.0f} MiB")
-    budget -= adapters
+    if adapters + states + per_block > budget:
+        raise ConfigError(f"{settings.max_loras} LoRA adapter slots of rank {settings.max_lora_rank} "
+                          f"({adapters / 2**20:.0f} MiB) and {settings.max_num_seqs if states else 0} "
+                          f"recurrent-state slots ({states / 2**20:.0f} MiB) leave no room for the KV cache "
+                          f"in the budget of {budget / 2**20:.0f} MiB")
+    budget -= adapters + states
     useful = settings.max_num_seqs * -(-max_model_len // settings.block_size)
     return max(1, min(budget // per_block, useful))
 
@@ -120,3 +124,9 @@ def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
 def adapter_bytes(model, settings: EngineSettings) -> int:
     """What the LoRA adapter slots reserve: `max_loras` adapters of rank `max_lora_rank` on every projection."""
     return settings.max_loras * nbytes_for(model, settings.max_lora_rank) if settings.max_loras else 0
+
+
+def state_bytes(model, settings: EngineSettings) -> int:
+    """What a hybrid model's recurrent-state slots take: one per running sequence (`max_num_seqs`)."""
+    cfg = model.config
+    return settings.max_num_seqs * bytes_per_slot(cfg, model.dtype) if cfg.is_hybrid else 0

@@ -14,6 +14,11 @@ run on its static-buffer step instead: rows padded to the next captured batch si
 replayed per step. The pool then holds one block more than the block manager hands out: the
 scratch block padding rows write to.
 
+Hybrid models (Gated DeltaNet layers) run over a `PagedStateCache`: the rows' recurrent-state
+slots beside the attention layers' blocks. Left padding enters a DeltaNet as zeros, which keep a
+zero state at zero but decay a carried one, so a prefill call pads only rows that start their
+sequence; rows that continue one run in calls of their own length (`unpadded`).
+
 Deterministic runners give each prefill chunk a call of its own and put decode rows together
 only as far as the installed kernels keep rows independent (`backends.batch_invariant_rows`;
 with adapters, a row per call), so a row's numbers never depend on its neighbours'.
@@ -26,32 +31,41 @@ import torch
 from ..backends import batch_invariant_rows, decode_step, has_paged_step, paged_step
 from ..model.masks import slot_masks
 from .kv_cache import PagedKVCache
+from .state_cache import PagedStateCache
 from .sampler import Sample, Sampler
 from .scheduler import Chunk
 
 
 def attention_layout(model) -> tuple[int, int]:
     """(K/V heads, head dim) of the model's attention as built (after any tensor-parallel split)."""
-    attn = model.model.layers[0].self_attn
+    attn = model.model.layers[model.config.attention_layers[0]].self_attn
     return attn.n_kv, attn.head_dim
 
 
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None, adapters=None,
-                 deterministic: bool = False):
+                 deterministic: bool = False, num_state_slots: int = 0):
+        """`num_state_slots`: a hybrid model's recurrent-state slots (the engine's max_num_seqs)."""
         self.model = model
         self.device = model.device
         n_kv, head_dim = attention_layout(model)
         cfg = model.config
         scratch = 1 if has_paged_step(model) else 0  # block `num_blocks`: where padding rows write
-        self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks + scratch, block_size, n_kv, head_dim,
-                                  model.dtype, model.device)
+        self.hybrid = cfg.is_hybrid
+        if self.hybrid:
+            self.cache = PagedStateCache(cfg, num_blocks, block_size, n_kv, head_dim, num_state_slots,
+                                         model.dtype, model.device)
+        else:
+            self.cache = PagedKVCache(cfg.num_hidden_layers, num_blocks + scratch, block_size, n_kv, head_dim,
+                                      model.dtype, model.device)
+        self.linear = [cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers)]
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler(batch_invariant=deterministic)
         self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
         max_blocks = min(num_blocks, -(-cfg.context_length // block_size))
-        self.static = paged_step(model, self.cache.k, self.cache.v, block_size, num_blocks, max_blocks)
+        self.static = None if self.hybrid else paged_step(model, self.cache.k, self.cache.v, block_size, num_blocks,
+                                                          max_blocks)
         self.adapters = adapters  # a model.multi_lora.AdapterSet, when the engine serves LoRA adapters
         # rows per call: decode rows, prefill chunks (None: all of them in one call)
         decode_rows = batch_invariant_rows(model) if adapters is None else 1
@@ -86,6 +100,8 @@ class ModelRunner:
         for group, rows in zip((decodes, prefills), self.call_rows):
             rows = rows or max(len(group), 1)
             out += [group[i:i + rows] for i in range(0, len(group), rows)]
+        if self.hybrid:
+            out = [part for group in out for part in unpadded([chunks[i] for i in group], group)]
         return out
 
     @torch.inference_mode()
@@ -123,8 +139,22 @@ class ModelRunner:
         write_slots = read_slots.gather(1, positions).flatten().index_select(0, write_rows)  # (N,)
         # causal over each row's own slots, in position order (padding queries see what precedes them)
         masks = slot_masks(positions, S, self.windows)
+        if self.hybrid:  # a DeltaNet layer's mask: which of the call's tokens are real
+            masks = [(None if bool(real.all()) else real) if lin else m for m, lin in zip(masks, self.linear)]
+            self.cache.prepare_states([c.seq.state_slot for c in chunks], [c.start == 0 for c in chunks])
         self.cache.prepare(positions, masks, write_slots, write_rows, read_slots, tables)
         return ids
+
+
+def unpadded(chunks: list[Chunk], indices: list[int]) -> list[list[int]]:
+    """`indices` (of `chunks`, in order) split into calls where no row that carries a recurrent
+    state is left-padded: the longest chunks with every chunk that starts its sequence, then the
+    others by length."""
+    T = max(c.num_tokens for c in chunks)
+    calls: dict[int, list[int]] = {T: []}
+    for c, i in zip(chunks, indices):
+        calls.setdefault(T if c.start == 0 else c.num_tokens, []).append(i)
+    return [group for group in calls.values() if group]
 
 
 def _pad(rows: list[list[int]], width: int, device, left: bool = False) -> torch.Tensor:

@@ -2,7 +2,8 @@
 
 Plain Python, shared by the block manager, the scheduler and the runner. `token_ids` holds the
 prompt followed by the generated tokens; the K/V of the first `num_computed_tokens` of them sit
-in the blocks of `block_table`, in order; `adapter` is the LoRA adapter its rows use (None for
+in the blocks of `block_table`, in order (a hybrid model's recurrent state after them, in its
+`state_slot`); `adapter` is the LoRA adapter its rows use (None for
 the base model); its `*_time` stamps (time.monotonic) feed /metrics.
 Its base, `TokenSequence`, is the tokens and settings alone: what the sampler reads, and all
 that `qwenkit.generate` keeps for its one sequence.
@@ -61,6 +62,7 @@ class Sequence(TokenSequence):
         self.first_token_time: float | None = None
         self.last_token_time: float | None = None
         self.adapter = None  # the LoRA adapter (model.multi_lora.Adapter) its rows use; None: the base model
+        self.state_slot: int | None = None  # a hybrid model's recurrent-state slot while it runs
 
     @property
     def cache_salt(self) -> int | None:

@@ -84,6 +84,9 @@ def shard_model(model, rank: int, world: int):
     """Keep this rank's shard of every decoder layer, in place; returns the model."""
     if world == 1:
         return model
+    if model.config.is_hybrid:
+        raise ConfigError(f"tensor parallelism does not split hybrid models ({model.config.model_type}: "
+                          "Gated DeltaNet layers) yet")
     for layer in model.model.layers:
         _shard_attention(layer.self_attn, rank, world)
         _shard_mlp(layer.mlp, rank, world)

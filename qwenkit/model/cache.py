@@ -19,7 +19,8 @@ Kernels that walk the storage themselves (the fused decode step) ask `slots()`: 
 saying where each row's positions live. Implementations: `KVCache` here (one preallocated
 buffer a batch: `generate`, `bench`), `HybridCache` here (a hybrid model's batch: a `KVCache` for
 its attention layers and the recurrent states of the others), `engine.kv_cache.PagedKVCache`
-(the engine's pool of blocks; the engine does not run hybrid models yet).
+(the engine's pool of blocks) and `engine.state_cache.PagedStateCache` (that pool over a hybrid
+model's attention layers, beside per-sequence recurrent-state slots).
 """
 
 from __future__ import annotations

@@ -372,7 +372,7 @@ def started(args, settings, max_request_bytes: int, prog: str):
 
         attach(engine)
     blocks = engine.blocks
-    mib = engine.runner.cache.k.nbytes * 2 / 2**20
+    mib = engine.runner.cache.nbytes / 2**20  # a hybrid's recurrent-state slots included
     print(f"{prog}: {name} on {model.device} ({model.dtype}); KV cache {blocks.num_blocks} blocks x "
           f"{blocks.block_size} = {engine.num_context_tokens} tokens of context ({mib:.0f} MiB); "
           f"max {engine.max_model_len} tokens per request", flush=True)

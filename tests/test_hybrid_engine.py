@@ -1,0 +1,135 @@
+"""The batching engine on hybrid models (Gated DeltaNet + attention): every request's greedy output
+equals `qwenkit.generate` on it alone, whatever it was batched with, chunked or preempted; the
+recurrent-state slots are taken and returned with the sequence and paid for in the memory budget;
+`qwenkit serve` answers a chat request on a tiny hybrid checkpoint."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import qwenkit
+from hybrid_tiny import make_hybrid
+from qwenkit.analysis import state_bytes_per_sequence
+from qwenkit.engine import Engine, EngineSettings, SamplingParams
+from qwenkit.engine.block_manager import StateBlockManager
+from qwenkit.engine.kv_cache import PagedKVCache
+from qwenkit.engine.memory import plan_num_blocks, state_bytes
+from qwenkit.engine.scheduler import Chunk
+from qwenkit.engine.sequence import Sequence
+from qwenkit.errors import ConfigError
+from test_engine import random_prompts, run_staggered
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    """Qwen3-Next layout: DeltaNet, attention, DeltaNet, attention; MoE and dense MLPs."""
+    m = qwenkit.load_model(make_hybrid(tmp_path_factory.mktemp("next") / "ckpt", "qwen3_next"), dtype=torch.float32)
+    m.eos_token_ids = []
+    return m
+
+
+def test_staggered_mixed_lengths_chunked_and_preempted_equal_generate(model):
+    system = random_prompts(1, 12, 13, 256, seed=7)[0]
+    prompts = random_prompts(6, 1, 30, 256, seed=1) + random_prompts(3, 1, 10, 256, seed=2, prefix=system)
+    prompts.insert(2, random_prompts(1, 45, 46, 256, seed=3)[0])  # three prefill chunks of at most 16
+    refs = [qwenkit.generate(model, p, GREEDY.max_tokens) for p in prompts]
+    settings = EngineSettings(block_size=4, num_blocks=16, max_prefill_tokens=16, max_num_seqs=4)
+    engine = Engine(model, settings)
+    got = run_staggered(engine, prompts, GREEDY, arrive_every=1)
+    assert [got[str(i)] for i in range(len(prompts))] == refs
+    m = engine.metrics()
+    assert m["preemptions"] > 0  # a preempted sequence recomputed its state from the start
+    assert m["prefix_cache_hit_tokens"] == 0  # the shared system prompt was computed, not reused
+    assert m["kv_blocks_free"] == m["kv_blocks_total"]
+    assert sorted(engine.blocks.free_slots) == list(range(4))
+
+
+def test_continuing_chunks_are_never_left_padded(model):
+    """Padding decays a carried state, so only rows that start their sequence share a padded call."""
+    engine = Engine(model, EngineSettings(block_size=4, num_blocks=64, max_num_seqs=8))
+    seqs = [Sequence(list(range(40)), GREEDY) for _ in range(5)]
+    chunks = [Chunk(seqs[0], 0, 9), Chunk(seqs[1], 8, 5), Chunk(seqs[2], 0, 3), Chunk(seqs[3], 16, 9),
+              Chunk(seqs[4], 4, 5), Chunk(seqs[0], 30, 1)]
+    calls = engine.runner.groups(chunks)
+    assert sorted(calls) == [[0, 2, 3], [1, 4], [5]]
+    for call in calls:
+        T = max(chunks[i].num_tokens for i in call)
+        assert all(chunks[i].num_tokens == T or chunks[i].start == 0 for i in call)
+
+
+def test_continuing_rows_of_different_lengths_in_one_step_equal_generate(model):
+    """Two prompts prefilled in chunks that end apart, so one step holds continuing chunks of
+    several lengths (each must run unpadded) beside decode rows."""
+    prompts = [random_prompts(1, n, n + 1, 256, seed=n)[0] for n in (23, 37, 30)]
+    refs = [qwenkit.generate(model, p, GREEDY.max_tokens) for p in prompts]
+    engine = Engine(model, EngineSettings(block_size=8, num_blocks=40, max_prefill_tokens=12, max_num_seqs=3))
+    got = run_staggered(engine, prompts, GREEDY, arrive_every=1)
+    assert [got[str(i)] for i in range(3)] == refs
+
+
+def test_state_slots_bound_admission_and_come_back():
+    blocks = StateBlockManager(num_blocks=16, block_size=4, num_slots=2)
+    a, b, c = (Sequence([1, 2, 3], GREEDY) for _ in range(3))
+    blocks.allocate(a)
+    blocks.allocate(b)
+    assert {a.state_slot, b.state_slot} == {0, 1}
+    assert not blocks.can_allocate(c)  # blocks are free, slots are not
+    blocks.free_seq(a)
+    assert a.state_slot is None and blocks.can_allocate(c)
+    blocks.allocate(c)
+    assert c.state_slot in (0, 1) and c.state_slot != b.state_slot
+    assert not blocks.enable_prefix_caching
+
+
+def test_memory_budget_pays_for_state_slots(model):
+    cfg = model.config
+    per_block = PagedKVCache.bytes_per_block(len(cfg.attention_layers), 4, cfg.num_key_value_heads, cfg.head_dim,
+                                             torch.float32)
+    settings = EngineSettings(block_size=4, max_num_seqs=3)
+    states = state_bytes(model, settings)
+    # per slot: 2 DeltaNet layers x (conv of 2 x 8 + 2 x 8 + 4 x 12 channels x 3 inputs + state 4 heads x 8 x 12)
+    assert states == 3 * 2 * (80 * 3 + 4 * 8 * 12) * 4 == 3 * state_bytes_per_sequence(cfg, 4)
+    budget = EngineSettings(block_size=4, max_num_seqs=3, kv_cache_memory=states + 10 * per_block)
+    assert plan_num_blocks(model, budget, 2048) == 10
+    engine = Engine(model, budget)
+    assert engine.runner.cache.nbytes == states + 10 * per_block
+    with pytest.raises(ConfigError, match="3 recurrent-state slots"):
+        plan_num_blocks(model, EngineSettings(max_num_seqs=3, kv_cache_memory=states), 2048)
+
+
+@pytest.mark.parametrize("settings, what", [(EngineSettings(deterministic=True), "deterministic mode"),
+                                            (EngineSettings(max_loras=1), "LoRA adapters")])
+def test_unsupported_combinations_are_refused_by_name(model, settings, what):
+    with pytest.raises(ConfigError, match=f"does not run {what}.*hybrid models \\(qwen3_next\\)"):
+        Engine(model, settings)
+
+
+def test_tensor_parallelism_refuses_a_hybrid_by_name(model):
+    from qwenkit.engine.tensor_parallel import shard_model
+
+    with pytest.raises(ConfigError, match="tensor parallelism does not split hybrid models \\(qwen3_next"):
+        shard_model(model, 0, 2)
+
+
+def test_serve_answers_a_chat_on_a_hybrid_checkpoint(tmp_path):
+    openai = pytest.importorskip("openai")
+    pytest.importorskip("uvicorn")
+    from test_server import VOCAB, write_tokenizer
+    from test_server_cli import free_port, served_process
+
+    ckpt = make_hybrid(tmp_path / "tiny-next", "qwen3_5_text", vocab_size=VOCAB)
+    write_tokenizer(ckpt)
+    tokenizer = qwenkit.load_tokenizer(ckpt)
+    reference = qwenkit.load_model(ckpt, dtype=torch.float32)
+    messages = [{"role": "user", "content": "Hello there"}]
+    prompt = tokenizer.apply_chat_template(messages, tokenize=True)
+    expected = tokenizer.decode(qwenkit.generate(reference, prompt, 8), skip_special_tokens=True)
+    port = free_port()
+    with served_process(ckpt, port, "--kv-cache-memory", "1MiB", "--max-num-seqs", "4"):
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=60)
+        r = client.chat.completions.create(model="tiny-next", messages=messages, max_tokens=8, temperature=0)
+    assert r.choices[0].message.content == expected
+    assert r.usage.prompt_tokens == len(prompt) and r.usage.completion_tokens <= 8
