@@ -8,6 +8,11 @@ LoRA adapter) and stays findable after its sequence ends, until the block is han
 out again: a later request with the same prefix reuses it instead of recomputing it.
 
 Free blocks wait in least-recently-freed order, so the prefix cache evicts the oldest first.
+
+Speculative decoding takes slots for a step's guesses beyond the sequence's tokens
+(`append_slots(seq, extra)`) and gives back, once they are judged, the blocks only rejected
+guesses reached (`trim_slots`). Only tokens of the sequence are ever hashed (`register_computed`
+reads `token_ids` up to `num_computed_tokens`), so a rejected guess is never findable.
 """
 
 from __future__ import annotations
@@ -107,16 +112,27 @@ class BlockManager:
         self.prefix_hit_tokens += seq.num_cached_tokens
         self.append_slots(seq)
 
-    def can_append(self, seq: Sequence) -> bool:
-        return self.blocks_for(len(seq)) - len(seq.block_table) <= len(self.free)
+    def can_append(self, seq: Sequence, extra: int = 0) -> bool:
+        return self.blocks_for(len(seq) + extra) - len(seq.block_table) <= len(self.free)
 
-    def append_slots(self, seq: Sequence) -> None:
-        """Grow seq's block table to cover all its tokens."""
-        while len(seq.block_table) < self.blocks_for(len(seq)):
+    def append_slots(self, seq: Sequence, extra: int = 0) -> None:
+        """Grow seq's block table to cover all its tokens and `extra` slots after them."""
+        while len(seq.block_table) < self.blocks_for(len(seq) + extra):
             block_id = next(iter(self.free))
             self._take(block_id)
             self._forget(block_id)
             seq.block_table.append(block_id)
+
+    def trim_slots(self, seq: Sequence) -> None:
+        """Return the blocks past seq's tokens (those only rejected guesses reached) to the pool."""
+        while len(seq.block_table) > self.blocks_for(len(seq)):
+            block_id = seq.block_table.pop()
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._forget(block_id)  # it held guesses, never a hashed prefix: reuse it first
+                self.free[block_id] = None
+                self.free.move_to_end(block_id, last=False)
 
     def free_seq(self, seq: Sequence) -> None:
         # Last block first, so a prefix outlives its continuations in the eviction order.

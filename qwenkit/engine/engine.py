@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import time
 
+from ..backends.cpu_kernels import MAX_ROWS
 from ..errors import ConfigError, RequestError
 from ..model.multi_lora import Adapter, AdapterSet
+from ..speculative.verify import num_kept
 from .block_manager import BlockManager, StateBlockManager
 from .memory import plan_num_blocks
 from .output import IncrementalText, RequestOutput
@@ -25,6 +27,7 @@ from .sampling_params import SamplingParams
 from .scheduler import Chunk, Scheduler
 from .sequence import Sequence
 from .settings import EngineSettings
+from .speculation import Speculation
 from .stats import EngineStats
 from .structured import Guidance
 
@@ -41,8 +44,10 @@ class Engine:
         else:
             self.blocks = BlockManager(num_blocks, settings.block_size,
                                        settings.enable_prefix_caching and not settings.deterministic)
+        self.speculation = Speculation(self.max_model_len)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
-                                   model.eos_token_ids, self.max_model_len, settings.deterministic)
+                                   model.eos_token_ids, self.max_model_len, settings.deterministic,
+                                   propose=self.speculation.propose, max_rows=MAX_ROWS)
         # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
         self.adapters = AdapterSet(model, settings.max_loras, settings.max_lora_rank) if settings.max_loras else None
         # structured outputs and thinking budgets (grammars need the tokenizer's vocabulary)
@@ -82,6 +87,9 @@ class Engine:
             if self.guidance is None:
                 raise RequestError("structured outputs and thinking budgets need an engine with a tokenizer")
             self.guidance.check(params)  # compiles the grammar (cached): a 400 naming what is wrong
+        if params.speculative is not None and not self._can_speculate():
+            raise RequestError("speculative: not served with tensor parallelism, in deterministic mode or for "
+                               "a hybrid model (its recurrent state cannot be rolled back yet)")
 
     def adapter(self, name: str) -> Adapter:
         """The loaded LoRA adapter called `name` (RequestError naming it when there is none)."""
@@ -96,9 +104,13 @@ class Engine:
         `after`: a running request with the same prompt, whose prompt K/V this one shares (it is
         scheduled once that prompt is computed; at once if the prefix cache is off). `adapter`: a
         LoRA adapter (or its name) its tokens run through."""
+        adapter = self.adapter(adapter) if isinstance(adapter, str) else adapter
+        params = self._with_default_speculation(params, adapter)
         self.validate(prompt_ids, params)
         seq = Sequence(prompt_ids, params, request_id, arrival_time)
-        seq.adapter = self.adapter(adapter) if isinstance(adapter, str) else adapter
+        seq.adapter = adapter
+        if seq.adapter is not None and params.speculative is not None:
+            raise RequestError("speculative: not served with a LoRA adapter")
         if seq.request_id in self.requests:
             raise RequestError(f"request id {seq.request_id!r} is already in use")
         text = None
@@ -114,6 +126,17 @@ class Engine:
         else:
             self.scheduler.add(seq)
         return seq.request_id
+
+    def _with_default_speculation(self, params: SamplingParams, adapter) -> SamplingParams:
+        """params with the engine's default speculation where it asks for none and can take it."""
+        default = self.settings.speculative
+        if (default is None or params.speculative is not None or adapter is not None or params.structured is not None
+                or params.thinking_budget is not None or not self._can_speculate()):
+            return params
+        return params.replace(speculative=default)
+
+    def _can_speculate(self) -> bool:
+        return self.runner.broadcast is None and not self.settings.deterministic and not self.model.config.is_hybrid
 
     def _release_followers(self, leader: Sequence) -> None:
         """Schedule the requests that waited for leader's prompt, once it is computed (or leader ended)."""
@@ -139,22 +162,31 @@ class Engine:
             return []
         self.stats.on_step([c.seq for c in chunks], time.monotonic())
         samples, failures = self._run(chunks)
-        self.scheduler.postprocess(chunks, [s.token_id if s else None for s in samples])
+        for chunk, sample in zip(chunks, samples):
+            if chunk.draft and sample is not None:
+                self.stats.on_draft(len(chunk.draft), num_kept([s.token_id for s in sample], chunk.draft))
+        self.scheduler.postprocess(chunks, [_token_ids(s) for s in samples])
         for chunk in chunks:
             self._release_followers(chunk.seq)
         now = time.monotonic()
         return failures + [self._output(c.seq, s, now) for c, s in zip(chunks, samples) if s is not None]
 
     def _output(self, seq: Sequence, sample, now: float) -> RequestOutput:
-        out = RequestOutput(seq.request_id, [sample.token_id])
-        self.stats.on_token(seq, now)
-        if sample.logprob is not None:
-            out.logprobs.append((sample.token_id, sample.logprob, sample.top_logprobs))
+        """The news of a step's Sample (or, for a drafted chunk, its list of Samples kept)."""
+        samples = sample if isinstance(sample, list) else [sample]
+        out = RequestOutput(seq.request_id)
         text = self.requests[seq.request_id][1]
-        if text is not None:
-            out.text = text.push(sample.token_id)
-            if text.stopped and not seq.is_finished:
-                self.scheduler.finish(seq, "stop")
+        for k, s in enumerate(samples):
+            out.token_ids.append(s.token_id)
+            self.stats.on_token(seq, now)
+            if s.logprob is not None:
+                out.logprobs.append((s.token_id, s.logprob, s.top_logprobs))
+            if text is not None:
+                out.text += text.push(s.token_id)
+                if text.stopped and not seq.is_finished:
+                    del seq.token_ids[len(seq) - (len(samples) - k - 1):]  # kept tokens after the stop string
+                    self.scheduler.finish(seq, "stop")
+                    break
         return self._finish(seq, out) if seq.is_finished else self._fill(seq, out)
 
     def _run(self, chunks: list[Chunk]) -> tuple[list[Sample | None], list[RequestOutput]]:
@@ -188,6 +220,7 @@ class Engine:
         text = self.requests.pop(seq.request_id)[1]
         self._release_followers(seq)
         self.runner.sampler.release(seq)
+        self.speculation.release(seq)
         if text is not None:
             out.text += text.finish()
         out.finished, out.finish_reason = True, seq.finish_reason
@@ -212,6 +245,13 @@ class Engine:
     def histograms(self) -> dict[str, tuple[tuple, list[int], float]]:
         """Request latency and size histograms: name -> (bounds, cumulative counts, sum)."""
         return self.stats.snapshot()
+
+
+def _token_ids(sample):
+    """What the scheduler records for a chunk: None, a token id, or (a drafted chunk) the ids kept."""
+    if isinstance(sample, list):
+        return [s.token_id for s in sample]
+    return None if sample is None else sample.token_id
 
 
 def _prompt_computed(seq: Sequence) -> bool:

@@ -22,18 +22,29 @@ sequence; rows that continue one run in calls of their own length (`unpadded`).
 Deterministic runners give each prefill chunk a call of its own and put decode rows together
 only as far as the installed kernels keep rows independent (`backends.batch_invariant_rows`;
 with adapters, a row per call), so a row's numbers never depend on its neighbours'.
+
+Speculative decoding (engine/speculation.py): a decode chunk with a draft runs as 1 + k one-token
+rows of the decode call, its last token and each guess at its own position through the same
+block table (each row sees the K/V the rows before it write in the same call); its result is
+the list of Samples `speculative.verify.accept` keeps. On the fused C step those rows are what
+the one-token step computes, exactly as any batched decode row is.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 
 from ..backends import batch_invariant_rows, decode_step, has_paged_step, paged_step
 from ..model.masks import slot_masks
+from ..speculative.proposers import Proposal
+from ..speculative.verify import accept
 from .kv_cache import PagedKVCache
 from .state_cache import PagedStateCache
 from .sampler import Sample, Sampler
 from .scheduler import Chunk
+from .sequence import Sequence
 
 
 def attention_layout(model) -> tuple[int, int]:
@@ -62,6 +73,7 @@ class ModelRunner:
         self.block_size = block_size
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.sampler = sampler or Sampler(batch_invariant=deterministic)
+        self.eos_token_ids = frozenset(model.eos_token_ids)
         self.decode = decode_step(model)  # one-token calls: the installed backend's step, or the model
         max_blocks = min(num_blocks, -(-cfg.context_length // block_size))
         self.static = None if self.hybrid else paged_step(model, self.cache.k, self.cache.v, block_size, num_blocks,
@@ -75,21 +87,38 @@ class ModelRunner:
         self.broadcast = None
 
     @torch.inference_mode()
-    def step(self, chunks: list[Chunk]) -> list[Sample | None]:
-        """Run the chunks; a Sample for each chunk that reached its sequence's end, else None."""
-        results: list[Sample | None] = [None] * len(chunks)
+    def step(self, chunks: list[Chunk]) -> list:
+        """Run the chunks; per chunk a Sample if it reached its sequence's end, else None; for a
+        chunk with a draft, the list of Samples of the tokens kept."""
+        results: list = [None] * len(chunks)
         groups = self.groups(chunks)
         if self.broadcast is not None:
             self.broadcast([[chunks[i] for i in group] for group in groups])
         for group in groups:
-            logits = self.forward([chunks[i] for i in group])  # (B, V)
-            sampling = [i for i in group if chunks[i].samples]
+            calls = [chunks[i] for i in group]
+            logits = self.forward([row for c in calls for row in rows_of(c)])  # (R, V)
+            first = [0]
+            for c in calls:
+                first.append(first[-1] + 1 + len(c.draft))
+            for k, i in enumerate(group):
+                if chunks[i].draft:
+                    results[i] = self.verify(logits[first[k]:first[k + 1]], chunks[i])
+            sampling = [k for k, i in enumerate(group) if chunks[i].samples and not chunks[i].draft]
             if sampling:
-                rows = torch.tensor([group.index(i) for i in sampling], device=logits.device)
-                samples = self.sampler(logits.index_select(0, rows), [chunks[i].seq for i in sampling])
-                for i, sample in zip(sampling, samples):
-                    results[i] = sample
+                rows = torch.tensor([first[k] for k in sampling], device=logits.device)
+                samples = self.sampler(logits.index_select(0, rows), [calls[k].seq for k in sampling])
+                for k, sample in zip(sampling, samples):
+                    results[group[k]] = sample
         return results
+
+    def verify(self, logits: torch.Tensor, chunk: Chunk) -> list[Sample]:
+        """The Samples kept from a drafted chunk's rows' logits (1 + k, V): the target's own
+        tokens through the first replaced guess, a stop token or max_tokens."""
+        seq, params = chunk.seq, chunk.seq.params
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else self.eos_token_ids)
+        new = accept(logits, Proposal(list(chunk.draft)), seq, self.sampler, stops, params.max_tokens)
+        del seq.token_ids[len(seq) - len(new):]  # accept appends them; the scheduler keeps them
+        return [self.sampler.describe(logits[i].float().cpu(), t, params) for i, t in enumerate(new)]
 
     def groups(self, chunks: list[Chunk]) -> list[list[int]]:
         """Chunk indices per model call: decode rows together, then prefill chunks together (in
@@ -155,6 +184,25 @@ def unpadded(chunks: list[Chunk], indices: list[int]) -> list[list[int]]:
     for c, i in zip(chunks, indices):
         calls.setdefault(T if c.start == 0 else c.num_tokens, []).append(i)
     return [group for group in calls.values() if group]
+
+
+@dataclass
+class DraftRow:
+    """One guessed token of a chunk's draft, run as a one-token row at its own position."""
+    seq: Sequence
+    start: int
+    tokens: list[int]
+    num_tokens: int = 1
+
+    @property
+    def block_table(self) -> list[int]:
+        return self.seq.block_table
+
+
+def rows_of(chunk: Chunk) -> list:
+    """The rows a chunk runs as: itself, then one row per guess of its draft."""
+    after = chunk.start + chunk.num_tokens
+    return [chunk, *(DraftRow(chunk.seq, after + i, [t]) for i, t in enumerate(chunk.draft))]
 
 
 def _pad(rows: list[list[int]], width: int, device, left: bool = False) -> torch.Tensor:

@@ -66,7 +66,7 @@ class Sampler:
         for i, token in forced.items():
             tokens[i] = token
         ids = tokens.tolist()  # the one device-to-host transfer of a plain step
-        return [self._sample(raw[i], ids[i], seq.params) for i, seq in enumerate(seqs)]
+        return [self.describe(raw[i], ids[i], seq.params) for i, seq in enumerate(seqs)]
 
     def _guide(self, logits: torch.Tensor, seqs: list[TokenSequence]) -> dict[int, int]:
         """Apply each guided row's constraint to logits (B, V) in place; {row: forced token}."""
@@ -121,7 +121,8 @@ class Sampler:
         return self.request_generators[seq.seq_id]
 
     @staticmethod
-    def _sample(raw: torch.Tensor, token: int, params: SamplingParams) -> Sample:
+    def describe(raw: torch.Tensor, token: int, params: SamplingParams) -> Sample:
+        """The Sample of `token` chosen from raw logits (V,): with its logprobs when params ask."""
         if params.logprobs is None:
             return Sample(token)
         logprobs = raw.log_softmax(-1)  # (V,)

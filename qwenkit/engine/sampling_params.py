@@ -28,6 +28,7 @@ from ..errors import RequestError
 
 MAX_TOP_LOGPROBS = 20
 GREEDY_BELOW = 1e-5
+MAX_SPECULATIVE_TOKENS = 15  # proposals a step: with the sequence's own token, the fused step's 16 rows
 REAL_FIELDS = ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 
@@ -50,6 +51,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     structured: "StructuredOutputs | None" = None  # the answer follows this grammar
     thinking_budget: int | None = None  # reasoning tokens before the thought is closed for it
+    speculative: "SpeculativeParams | None" = None  # guess and verify tokens (same output, fewer steps)
 
     def __post_init__(self):
         object.__setattr__(self, "stop", _as_tuple(self.stop, str, "stop"))
@@ -68,6 +70,29 @@ class SamplingParams:
     def qwen_recommended(cls, thinking: bool = False, **changes) -> "SamplingParams":
         base = dict(temperature=0.6, top_p=0.95, top_k=20) if thinking else dict(temperature=0.7, top_p=0.8, top_k=20)
         return cls(**{**base, **changes})
+
+
+@dataclass(frozen=True)
+class SpeculativeParams:
+    """Speculative decoding for one request, named as vLLM's `speculative_config`: `method` "ngram"
+    (prompt lookup: the continuation of the latest earlier occurrence of the last n tokens, n from
+    prompt_lookup_max down to prompt_lookup_min), up to `num_speculative_tokens` guesses a step."""
+    method: str = "ngram"
+    num_speculative_tokens: int = 4
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+
+    def __post_init__(self):
+        rules = [(self.method == "ngram", f"speculative.method: {self.method!r} is not served; expected 'ngram'"),
+                 (_is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
+                  f"speculative.num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]"),
+                 (_is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1,
+                  "speculative.prompt_lookup_min must be an integer >= 1"),
+                 (_is_int(self.prompt_lookup_max) and self.prompt_lookup_max >= self.prompt_lookup_min,
+                  "speculative.prompt_lookup_max must be an integer >= prompt_lookup_min")]
+        for ok, message in rules:
+            if not ok:
+                raise RequestError(message)
 
 
 @dataclass(frozen=True)
@@ -135,6 +160,10 @@ def _check(p: SamplingParams) -> None:
          "thinking_budget must be an integer >= 0"),
         (p.structured is None or isinstance(p.structured, StructuredOutputs),
          "structured must be a StructuredOutputs"),
+        (p.speculative is None or isinstance(p.speculative, SpeculativeParams),
+         "speculative must be a SpeculativeParams"),
+        (p.speculative is None or p.structured is None and p.thinking_budget is None,
+         "speculative decoding does not combine with structured outputs or a thinking budget"),
     ]
     for ok, message in rules:
         if not ok:

@@ -6,12 +6,19 @@ token budget last; long prompts are prefilled `max_prefill_tokens` at a time (wi
 depend on the sequence alone: see `chunk_size`). When a running
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks
 are freed and it waits at the front of the queue to be recomputed (prompt and output so far).
+
+Speculative decoding: a decoding sequence may carry a `draft` (guessed next tokens, from the
+`propose` callback) checked in the same step; they take slots while free blocks last (a draft
+never preempts anyone) and at most `max_rows` one-token rows run a step in all. Afterwards the
+sequence keeps what the runner kept (`postprocess` takes a list of tokens for such a chunk) and
+the blocks only rejected guesses reached go back to the pool.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 from .block_manager import BlockManager
 from .sequence import Sequence, Status
@@ -23,6 +30,7 @@ class Chunk:
     seq: Sequence
     start: int
     num_tokens: int
+    draft: list[int] = field(default_factory=list)  # guessed tokens after it, verified in the same call
 
     @property
     def tokens(self) -> list[int]:
@@ -40,13 +48,16 @@ class Chunk:
 
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
-                 eos_token_ids=(), max_model_len: int | None = None, deterministic: bool = False):
+                 eos_token_ids=(), max_model_len: int | None = None, deterministic: bool = False,
+                 propose: Callable[[Sequence, int], list[int]] | None = None, max_rows: int = 16):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.deterministic = deterministic
+        self.propose = propose  # (seq, at most n) -> guessed tokens; None: no speculation
+        self.max_rows = max_rows  # one-token rows a step, drafts included, beyond which no guesses are made
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -68,12 +79,15 @@ class Scheduler:
     def _schedule_running(self, budget: int) -> tuple[list[Chunk], bool]:
         """Chunks for running sequences, oldest first; also whether any sequence was preempted."""
         chunks, preemptions, i = [], self.num_preemptions, 0
+        spare_rows = self.max_rows - len(self.running)
         while i < len(self.running):
             seq = self.running[i]
             if seq.num_uncomputed_tokens == 1:
                 if not self._make_room(seq):
                     break  # seq itself was the newest, so nothing follows it
-                chunks.append(Chunk(seq, seq.num_computed_tokens, 1))
+                draft = self._draft(seq, spare_rows, len(self.running) - i - 1)
+                spare_rows -= len(draft)
+                chunks.append(Chunk(seq, seq.num_computed_tokens, 1, draft))
             elif (n := self.chunk_size(seq, budget)) > 0:
                 budget -= n
                 chunks.append(Chunk(seq, seq.num_computed_tokens, n))
@@ -89,6 +103,19 @@ class Scheduler:
                 return False
         self.blocks.append_slots(seq)
         return True
+
+    def _draft(self, seq: Sequence, spare_rows: int, reserve: int) -> list[int]:
+        """Guesses for seq's next tokens, with slots for them, while rows and free blocks last
+        (`reserve` blocks stay free: a block for each sequence after it, so guesses never cost a
+        preemption)."""
+        if self.propose is None or spare_rows < 1:
+            return []
+        draft = self.propose(seq, spare_rows)
+        need = self.blocks.blocks_for(len(seq) + len(draft)) - len(seq.block_table)
+        if not draft or need + reserve > self.blocks.num_free_blocks:
+            return []
+        self.blocks.append_slots(seq, len(draft))
+        return draft
 
     def _admit(self, budget: int) -> list[Chunk]:
         chunks = []
@@ -128,19 +155,26 @@ class Scheduler:
         self.num_preemptions += 1
         self.waiting.appendleft(seq)
 
-    def postprocess(self, chunks: list[Chunk], tokens: list[int | None]) -> None:
-        """Record a step: computed tokens, and the sampled token of each chunk that reached its end."""
+    def postprocess(self, chunks: list[Chunk], tokens: list) -> None:
+        """Record a step: computed tokens, and the sampled token of each chunk that reached its end
+        (None if it did not; for a chunk with a draft, the list of tokens kept)."""
         for chunk, token in zip(chunks, tokens):
             seq = chunk.seq
             if seq.is_finished:
                 continue
             seq.num_computed_tokens = chunk.start + chunk.num_tokens
-            self.blocks.register_computed(seq)
-            if token is not None:
-                seq.token_ids.append(token)
-                reason = self._stop_reason(seq, token)
+            reason = None
+            for t in token if isinstance(token, list) else [] if token is None else [token]:
+                seq.token_ids.append(t)
+                reason = self._stop_reason(seq, t)
                 if reason:
-                    self.finish(seq, reason)
+                    break
+            if chunk.draft:  # the kept guesses' K/V is computed; the last token, as always, is not
+                seq.num_computed_tokens = len(seq) - 1
+                self.blocks.trim_slots(seq)
+            self.blocks.register_computed(seq)
+            if reason:
+                self.finish(seq, reason)
 
     def _stop_reason(self, seq: Sequence, token: int) -> str | None:
         p = seq.params

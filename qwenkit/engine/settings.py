@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass
 
 from ..errors import ConfigError
+from .sampling_params import SpeculativeParams
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
           "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
@@ -29,6 +30,7 @@ class EngineSettings:
     # chunks of their own, decode rows batched only where the kernels are row-invariant, no
     # prefix cache (a cached block may have been computed in other chunks than this request's).
     deterministic: bool = False
+    speculative: SpeculativeParams | None = None  # for requests that ask for none (and can take it); None: off
 
     def __post_init__(self):
         checks = [(self.block_size >= 1, "block_size must be >= 1"),

@@ -7,6 +7,9 @@ reaches its length (aborted requests are only counted, so a client that hangs up
 not make the latencies look fast). Bucket bounds are vLLM's, so dashboards built for vLLM read
 ours unchanged.
 
+Speculative decoding counts drafts (steps where a request carried guesses), guessed tokens,
+kept ones, and kept ones by position in the draft (vLLM's spec_decode counters).
+
 Reading from another thread (the server's /metrics) is safe: `snapshot()` copies the counts.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 import itertools
 from bisect import bisect_left
 
+from .sampling_params import MAX_SPECULATIVE_TOKENS
 from .sequence import Sequence
 
 TTFT_BOUNDS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -52,7 +56,10 @@ class Histogram:
 class EngineStats:
     def __init__(self, max_model_len: int):
         tokens = one_two_five(max_model_len)
-        self.counters = dict(requests=0, prompt_tokens=0, generation_tokens=0, steps=0)
+        self.counters = dict(requests=0, prompt_tokens=0, generation_tokens=0, steps=0, spec_drafts=0,
+                             spec_draft_tokens=0, spec_accepted_tokens=0)
+        self.accepted_per_pos = [0] * MAX_SPECULATIVE_TOKENS  # kept guesses by their place in the draft
+        self.longest_draft = 0
         self.finished_by_reason = dict.fromkeys(FINISH_REASONS, 0)
         self.histograms = {
             "time_to_first_token": Histogram(TTFT_BOUNDS), "inter_token_latency": Histogram(TOKEN_GAP_BOUNDS),
@@ -80,6 +87,15 @@ class EngineStats:
             self.histograms["inter_token_latency"].observe(now - seq.last_token_time)
         seq.last_token_time = now
 
+    def on_draft(self, num_draft: int, accepted: int) -> None:
+        """A drafted step: how many guesses it carried, and how many of them the target kept."""
+        self.counters["spec_drafts"] += 1
+        self.counters["spec_draft_tokens"] += num_draft
+        self.counters["spec_accepted_tokens"] += accepted
+        for i in range(accepted):
+            self.accepted_per_pos[i] += 1
+        self.longest_draft = max(self.longest_draft, num_draft)
+
     def on_finish(self, seq: Sequence, now: float) -> None:
         self.finished_by_reason[seq.finish_reason] += 1
         if seq.finish_reason == "abort":
@@ -97,7 +113,8 @@ class EngineStats:
     def values(self) -> dict[str, float]:
         by_reason = dict(self.finished_by_reason)
         return {**self.counters, "finished": sum(by_reason.values()), "aborted": by_reason["abort"],
-                **{f"finished_{r}": n for r, n in by_reason.items()}}
+                **{f"finished_{r}": n for r, n in by_reason.items()},
+                **{f"spec_accepted_pos_{i}": self.accepted_per_pos[i] for i in range(self.longest_draft)}}
 
     def snapshot(self) -> dict[str, tuple[tuple, list[int], float]]:
         return {name: h.snapshot() for name, h in self.histograms.items()}

@@ -19,7 +19,7 @@ from typing import Iterator
 import torch
 
 from ..backends import cpu_kernels, decode_step, verify_step
-from .verify import accept
+from .verify import accept, num_kept
 
 MAX_PROPOSALS = min(8, cpu_kernels.MAX_ROWS - 1)  # the verify step takes up to MAX_ROWS tokens
 PROBE_EVERY = 8
@@ -104,7 +104,7 @@ def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], ma
         else:
             logits = step(ids, cache=cache, logits_to_keep=1)[0]  # (1, V)
         new = accept(logits, proposal, seq, sampler, stops, max_tokens)
-        kept = _common_prefix(new, proposal.tokens)  # a replaced token never equals its proposal
+        kept = num_kept(new, proposal.tokens)
         look.saw(len(proposal.tokens), kept, ids.shape[1], time.perf_counter() - start)
         stats.add(len(proposal.tokens), kept)
         cache.trim(ids.shape[1] - len(new))  # keeps the last token and the kept proposals
@@ -112,9 +112,3 @@ def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], ma
         if new[-1] in stops:
             return
 
-
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    while n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n

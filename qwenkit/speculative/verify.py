@@ -64,3 +64,12 @@ def distribution(row: torch.Tensor, seq: TokenSequence) -> torch.Tensor:
     apply_penalties(row, seq)
     probs, order = candidates(row[None], [seq.params])  # (1, K) each
     return torch.zeros(row.shape[0]).scatter_(0, order[0], probs[0] / probs[0].sum())
+
+
+def num_kept(new: list[int], proposed: list[int]) -> int:
+    """How many proposals the target kept: the common prefix of its tokens and the proposals (a
+    replaced proposal never equals the token put in its place)."""
+    n = 0
+    while n < len(new) and n < len(proposed) and new[n] == proposed[n]:
+        n += 1
+    return n
