@@ -121,3 +121,57 @@ def test_engine_default_applies_to_requests_that_set_none(model):
     out = run(engine, [(p, SamplingParams(max_tokens=30, temperature=0)) for p in prompts])
     assert [out[str(i)] for i in range(3)] == refs
     assert engine.metrics()["spec_drafts"] > 0
+
+
+# -- the server, with the real openai client ------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def server(model, tmp_path_factory):
+    pytest.importorskip("openai")
+    from test_server import Server, write_tokenizer
+
+    tokenizer = qwenkit.load_tokenizer(write_tokenizer(tmp_path_factory.mktemp("tok")))
+    s = Server(model, tokenizer, settings(block_size=8))
+    yield s
+    s.close()
+
+
+def test_server_request_field_counts_drafts_in_metrics(server, model):
+    import openai
+
+    prompts = random_prompts(3, 5, 20, 32, seed=8)
+    spec = {"speculative": {"method": "ngram", "num_speculative_tokens": 4}}
+    before = server.metrics()
+    for p in prompts:
+        plain = server.client.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0)
+        fast = server.client.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0, extra_body=spec)
+        assert fast.choices[0].text == plain.choices[0].text
+        assert fast.usage.completion_tokens == plain.usage.completion_tokens == 32
+        chunks = server.client.completions.create(model="tiny", prompt=p, max_tokens=32, temperature=0, stream=True,
+                                                  extra_body=spec)
+        assert "".join(c.choices[0].text for c in chunks if c.choices) == plain.choices[0].text
+    m = server.wait_idle()
+    labels = '{model_name="tiny",engine="0"}'
+    drafts = m["vllm:spec_decode_num_drafts_total" + labels] - before["vllm:spec_decode_num_drafts_total" + labels]
+    accepted = m["vllm:spec_decode_num_accepted_tokens_total" + labels]
+    assert drafts > 0 and m["vllm:spec_decode_num_draft_tokens_total" + labels] >= accepted > 0
+    assert m['vllm:spec_decode_num_accepted_tokens_per_pos_total{model_name="tiny",engine="0",position="0"}'] > 0
+    assert 0 < m["qwenkit_spec_decode_acceptance_rate"] <= 1
+    assert m["qwenkit_kv_blocks_used"] == 0
+    for bad, field in (({"num_speculative_tokens": 0}, "num_speculative_tokens"), ({"method": "eagle"}, "method"),
+                       ({"num_guesses": 3}, "num_guesses")):
+        with pytest.raises(openai.BadRequestError, match=field):
+            server.client.completions.create(model="tiny", prompt=prompts[0], max_tokens=4,
+                                             extra_body={"speculative": bad})
+
+
+def test_serve_flags_set_the_engine_default():
+    from qwenkit.errors import ConfigError
+    from qwenkit.server.app import checked_flags, engine_settings, parser
+
+    args = parser("qwenkit serve").parse_args(["--speculative", "ngram", "--num-speculative-tokens", "3"])
+    assert engine_settings(args).speculative == SpeculativeParams(num_speculative_tokens=3)
+    assert engine_settings(parser("qwenkit serve").parse_args([])).speculative is None
+    args.num_speculative_tokens = 99
+    with pytest.raises(ConfigError, match="--num-speculative-tokens 99"):
+        checked_flags(args)

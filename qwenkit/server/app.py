@@ -249,6 +249,9 @@ def parser(prog: str):
     p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     p.add_argument("--reasoning-budget", type=int, default=None,
                    help="thinking_budget (reasoning tokens) of requests that set none (default: no limit)")
+    p.add_argument("--speculative", choices=["ngram"], default=None,
+                   help="speculative decoding (prompt lookup) for requests that ask for none (default: off)")
+    p.add_argument("--num-speculative-tokens", type=int, default=4, help="guesses a step with --speculative (default 4)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="requests that may wait for a place in the batch; more get 429 (default: no bound)")
     p.add_argument("--request-timeout", type=float, default=None,
@@ -262,6 +265,7 @@ def parser(prog: str):
 def checked_flags(args):
     """(EngineSettings, body limit in bytes) from the flags, every flag checked before the model
     loads (which can take minutes): ConfigError names the bad one."""
+    from ..engine.sampling_params import MAX_SPECULATIVE_TOKENS
     from ..engine.settings import parse_size
     from ..errors import ConfigError
 
@@ -272,6 +276,8 @@ def checked_flags(args):
     max_request_bytes = parse_size(args.max_request_bytes)
     if max_request_bytes < 1:
         raise ConfigError(f"--max-request-bytes {args.max_request_bytes}: must be at least 1 byte")
+    if args.speculative and not 1 <= args.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS:
+        raise ConfigError(f"--num-speculative-tokens {args.num_speculative_tokens}: must be in [1, {MAX_SPECULATIVE_TOKENS}]")
     if args.max_queued_requests is not None and args.max_queued_requests < 0:
         raise ConfigError(f"--max-queued-requests {args.max_queued_requests}: must be >= 0")
     for flag, seconds, least in (("--request-timeout", args.request_timeout, 1e-9),
@@ -307,14 +313,17 @@ def check_listen(host: str, port: int) -> None:
 
 
 def engine_settings(args):
+    from ..engine.sampling_params import SpeculativeParams
     from ..engine.settings import EngineSettings, parse_size
 
     memory = parse_size(args.kv_cache_memory) if args.kv_cache_memory else None
+    speculative = SpeculativeParams(args.speculative, args.num_speculative_tokens) if args.speculative else None
     return EngineSettings(block_size=args.block_size, kv_cache_memory=memory, num_blocks=args.num_kv_blocks,
                           max_num_seqs=args.max_num_seqs, max_prefill_tokens=args.max_prefill_tokens,
                           max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                           max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
-                          deterministic=args.deterministic, **adapters.settings_from(args))
+                          deterministic=args.deterministic, speculative=speculative,
+                          **adapters.settings_from(args))
 
 
 def load(args):

@@ -45,6 +45,9 @@ VLLM_METRICS = [
     ("vllm:prefix_cache_hits_total", "prefix_cache_hit_tokens", "counter",
      "Prefix cache hits, in terms of number of cached tokens."),
     ("vllm:num_preemptions_total", "preemptions", "counter", "Cumulative number of preemption from the engine."),
+    ("vllm:spec_decode_num_drafts_total", "spec_drafts", "counter", "Number of spec decoding drafts."),
+    ("vllm:spec_decode_num_draft_tokens_total", "spec_draft_tokens", "counter", "Number of draft tokens."),
+    ("vllm:spec_decode_num_accepted_tokens_total", "spec_accepted_tokens", "counter", "Number of accepted tokens."),
 ]
 
 # (metric name, engine histogram, help)
@@ -84,9 +87,23 @@ def render(values: dict[str, float], histograms: dict, model_name: str) -> str:
     lines += _header("vllm:request_success_total", "counter", "Count of successfully processed requests.")
     lines += [f'vllm:request_success_total{{{labels},finished_reason="{r}"}} {values.get(f"finished_{r}", 0)}'
               for r in FINISH_REASONS]
+    lines += _spec_decode_lines(values, labels)
     for name, key, help_ in VLLM_HISTOGRAMS:
         lines += _header(name, "histogram", help_) + _histogram_lines(name, labels, *histograms[key])
     return "\n".join(lines) + "\n"
+
+
+def _spec_decode_lines(values: dict[str, float], labels: str) -> list[str]:
+    """Kept guesses by their place in the draft (vLLM's per-position counter) and the acceptance rate."""
+    name = "vllm:spec_decode_num_accepted_tokens_per_pos_total"
+    lines = _header(name, "counter", "Accepted tokens per draft position.")
+    positions = sorted(int(k.rsplit("_", 1)[1]) for k in values if k.startswith("spec_accepted_pos_"))
+    lines += [f'{name}{{{labels},position="{i}"}} {values[f"spec_accepted_pos_{i}"]}' for i in positions]
+    drafted = values.get("spec_draft_tokens", 0)
+    rate = values.get("spec_accepted_tokens", 0) / drafted if drafted else 0.0
+    return lines + _header("qwenkit_spec_decode_acceptance_rate", "gauge",
+                           "Share of speculative draft tokens the target kept") + [
+        f"qwenkit_spec_decode_acceptance_rate {rate:.6f}"]
 
 
 def _header(name: str, kind: str, help_: str) -> list[str]:

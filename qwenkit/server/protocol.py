@@ -7,7 +7,9 @@ are refused by SamplingParams (RequestError, HTTP 400). Unknown fields are ignor
 API does.
 Extensions in vLLM's spelling: top_k, min_p, repetition_penalty, ignore_eos, stop_token_ids,
 skip_special_tokens, chat_template_kwargs (e.g. {"enable_thinking": false} for Qwen3),
-structured_outputs, thinking_budget. `response_format`, `structured_outputs` and `tool_choice`
+structured_outputs, thinking_budget, and `speculative` (speculative decoding for this request, in
+the fields of vLLM's `speculative_config`: {"method": "ngram", "num_speculative_tokens": 4}).
+`response_format`, `structured_outputs` and `tool_choice`
 become the engine's constraint in server/constraints.py; their own fields are checked strictly
 (an unknown key inside them is a 400).
 """
@@ -20,7 +22,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from ..engine.sampling_params import SamplingParams, StructuredOutputs
+from ..engine.sampling_params import SamplingParams, SpeculativeParams, StructuredOutputs
 from ..errors import RequestError
 from . import constraints
 
@@ -67,6 +69,13 @@ class StructuredOutputsField(Exact):
     json_object: bool | None = None
 
 
+class SpeculativeField(Exact):
+    method: str = "ngram"
+    num_speculative_tokens: Int64 = 4
+    prompt_lookup_max: Int64 = 4
+    prompt_lookup_min: Int64 = 2
+
+
 class SamplingFields(Strict):
     model_config = ConfigDict(extra="ignore")
 
@@ -93,6 +102,7 @@ class SamplingFields(Strict):
     response_format: ResponseFormat | None = None
     structured_outputs: StructuredOutputsField | None = None
     thinking_budget: Annotated[int, Field(ge=0, le=2**63 - 1)] | None = None
+    speculative: SpeculativeField | None = None
 
     @model_validator(mode="before")
     @classmethod
@@ -120,7 +130,8 @@ class SamplingFields(Strict):
             repetition_penalty=self.repetition_penalty, logit_bias=bias, seed=self.seed, stop=self.stop,
             stop_token_ids=self.stop_token_ids, ignore_eos=self.ignore_eos, logprobs=logprobs,
             skip_special_tokens=self.skip_special_tokens, structured=self.constraint(special_tokens, tool_format),
-            thinking_budget=self.thinking_budget if self.thinking_budget is not None else thinking_budget)
+            thinking_budget=self.thinking_budget if self.thinking_budget is not None else thinking_budget,
+            speculative=None if self.speculative is None else SpeculativeParams(**self.speculative.model_dump()))
         return SamplingParams(**{**settings, **self.stop_changes(special_tokens)})
 
     def constraint(self, special_tokens: dict[str, int], tool_format: str = "json") -> StructuredOutputs | None:
