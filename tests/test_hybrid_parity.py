@@ -85,6 +85,6 @@ def test_bf16_model_keeps_float32_state_and_tracks_reference(tmp_path):
         cache = ours.new_cache(1, 80)
         got = ours(ids, cache=cache)
         expected = ref(ids).logits.float()
-    assert cache.state.dtype == torch.float32 and cache.conv.dtype == torch.bfloat16
+    assert cache.state[0].dtype == torch.float32 and cache.conv[0].dtype == torch.bfloat16
     assert rel_diff(got, expected) < 0.05  # both in bf16, rounding in different places
     assert (got.argmax(-1) == expected.argmax(-1)).float().mean() > 0.9

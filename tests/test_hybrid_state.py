@@ -56,10 +56,10 @@ def test_cache_keeps_kv_only_for_attention_layers_and_float32_state_under_bf16(h
     model = qwenkit.load_model(hybrid, dtype=torch.bfloat16)
     cache = model.new_cache(2, 32)
     assert cache.kv.k.shape[0] == len(model.config.attention_layers) == 1
-    assert cache.state.dtype == torch.float32 and cache.conv.dtype == torch.bfloat16
+    assert cache.state[0].dtype == torch.float32 and cache.conv[0].dtype == torch.bfloat16
     with torch.no_grad():
         model(torch.randint(0, 256, (2, 9)), cache=cache)
-    assert cache.length == 9 and cache.state.abs().sum() > 0
+    assert cache.length == 9 and cache.state[0].abs().sum() > 0
     cache.trim(0)
     with pytest.raises(NotImplementedError, match="recurrent state"):
         cache.trim(1)

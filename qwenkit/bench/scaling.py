@@ -132,8 +132,8 @@ def main(argv: list[str], prog: str = "qwenkit bench scaling") -> int:
     else:
         gqa = load_model(args.model, dtype=dtype, device=device)
         models = {"GQA": gqa, "MHA": as_mha(gqa)}
-    weights = weight_bytes_per_token(next(iter(models.values())))
     for name, model in models.items():
+        weights = weight_bytes_per_token(model)
         per_token = kv_bytes(model, 2, 1) - kv_bytes(model, 1, 1)
         print(f"{name}: {weights / 2**20:.0f} MiB of weights and {per_token / 1024:.1f} KiB of K/V per token read "
               f"per decode step: K/V reads pass weight reads at {weights / per_token:,.0f} tokens of context "

@@ -138,8 +138,9 @@ class KVCache:
 
 class HybridCache:
     """A hybrid model's past for a batch: a `KVCache` over its attention layers, and per recurrent
-    layer the rows' convolution inputs (layers, B, C, K-1) in the model dtype and delta-rule
-    states (layers, B, heads, d_k, d_v) in float32 (accumulated in float32 under bf16 weights).
+    layer the rows' convolution inputs (B, C, K-1) in the model dtype and delta-rule states
+    (B, heads, d_k, d_v) in float32 (accumulated in float32 under bf16 weights), in `conv[i]`
+    and `state[i]` for the i-th recurrent layer.
 
     A recurrent state cannot step back: `trim(n > 0)` raises `StateRollbackError` (a
     NotImplementedError and a ConfigError: speculative rollback would need a snapshot of the
@@ -150,11 +151,12 @@ class HybridCache:
         linear = [i for i in range(cfg.num_hidden_layers) if cfg.is_linear_layer(i)]
         self.index = {layer: i for i, layer in enumerate(linear)}
         conv_dim = 2 * cfg.linear_num_key_heads * cfg.linear_key_head_dim + cfg.linear_num_value_heads * cfg.linear_value_head_dim
-        n = len(self.index)
-        self.conv = torch.zeros(n, batch, conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
-        self.state = torch.zeros(n, batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
-                                 cfg.linear_value_head_dim, dtype=torch.promote_types(dtype, torch.float32),
-                                 device=device)
+        state_dtype = torch.promote_types(dtype, torch.float32)
+        # One tensor per layer, replaced (not copied into) by write_state.
+        self.conv = [torch.zeros(batch, conv_dim, cfg.linear_conv_kernel_dim - 1, dtype=dtype, device=device)
+                     for _ in self.index]
+        self.state = [torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
+                                  cfg.linear_value_head_dim, dtype=state_dtype, device=device) for _ in self.index]
 
     @property
     def length(self) -> int:
@@ -176,8 +178,7 @@ class HybridCache:
 
     def write_state(self, layer: int, conv, state) -> None:
         i = self.index[layer]
-        self.conv[i].copy_(conv)
-        self.state[i].copy_(state)
+        self.conv[i], self.state[i] = conv, state
 
     def end(self, T: int) -> None:
         self.kv.end(T)

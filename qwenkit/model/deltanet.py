@@ -29,16 +29,16 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
 
 def delta_rule_recurrent(q, k, v, g, beta, state):
     """q, k (B, h, T, dk), v (B, h, T, dv), g, beta (B, h, T), state (B, h, dk, dv), all float32
-    -> (outputs (B, h, T, dv), state after the last token)."""
+    -> (outputs (B, h, T, dv), state after the last token). Three passes over S a token: decay,
+    one matmul reading S for k and q together (o = S'^T q = e^g S^T q + (q.k) delta), the update."""
     outs = []
     for t in range(q.shape[2]):
-        state = state * g[:, :, t, None, None].exp()
-        k_t = k[:, :, t, None, :]  # (B, h, 1, dk)
-        recalled = k_t @ state  # (B, h, 1, dv): what S holds for k_t
-        delta = (v[:, :, t, None, :] - recalled) * beta[:, :, t, None, None]
-        state = torch.addcmul(state, k_t.transpose(-1, -2), delta)  # rank-1 update (B, h, dk, dv); a
-        # (dk, 1) @ (1, dv) matmul took 3x the time of this broadcast multiply-add
-        outs.append(q[:, :, t, None, :] @ state)  # (B, h, 1, dv)
+        state = state * g[:, :, t, None, None].exp()  # a new tensor: the caller's state is kept
+        k_t, q_t = k[:, :, t, None, :], q[:, :, t, None, :]  # (B, h, 1, dk)
+        read = torch.cat([k_t, q_t], dim=2) @ state  # (B, h, 2, dv): S^T k, S^T q
+        delta = (v[:, :, t, None, :] - read[:, :, :1]) * beta[:, :, t, None, None]  # (B, h, 1, dv)
+        outs.append(read[:, :, 1:] + (q_t * k_t).sum(-1, keepdim=True) * delta)
+        state.addcmul_(k_t.transpose(-1, -2), delta)  # rank-1 update (B, h, dk, dv)
     return torch.cat(outs, dim=2), state
 
 
@@ -97,7 +97,7 @@ def causal_conv(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor):
     out = taps[..., :T] * w[:, 0, None]
     for j in range(1, K):
         out = out + taps[..., j : j + T] * w[:, j, None]  # (B, C, T)
-    return F.silu(out.to(x.dtype)), full[..., full.shape[-1] - past.shape[-1]:]
+    return F.silu(out.to(x.dtype)), full[..., full.shape[-1] - past.shape[-1]:].clone()  # not a view of `full`
 
 
 class GatedRMSNorm(nn.Module):
