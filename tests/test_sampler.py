@@ -120,3 +120,31 @@ def test_stop_string_across_tokens_is_cut_and_never_streamed():
     pieces = [text.push(ord(c)) for c in "abcENxEND tail"]
     assert text.stopped and "".join(pieces) + text.finish() == "abcENx"
     assert "E" not in "".join(pieces[:3])
+
+
+def test_candidates_shortlist_gives_the_full_sort_distribution():
+    """Rows without top-k first look at a shortlist; where their filters cut inside it, the
+    distribution is the one a sort of all V gives, and where they do not, all of V is used."""
+    from qwenkit.engine.sampler import SHORTLIST, _filtered, candidates
+
+    g = torch.Generator().manual_seed(0)
+    V = 5000
+    logits = torch.randn(6, V, generator=g) * 3
+    logits[1] *= 0.01  # nearly flat: top_p 0.9 keeps far past the shortlist
+    params = [SamplingParams(temperature=0.8, top_p=0.9), SamplingParams(top_p=0.9),
+              SamplingParams(min_p=0.05), SamplingParams(top_k=20), SamplingParams(top_k=3000, top_p=0.95),
+              SamplingParams(temperature=1.3, top_p=0.5)]
+
+    def in_token_space(probs, order):
+        return torch.zeros(len(order), V).scatter_(1, order, probs / probs.sum(-1, keepdim=True))
+
+    for rows in ([0, 2, 3, 5], [0, 1], [4, 5], [1]):
+        sub = [params[i] for i in rows]
+        top_k = [p.top_k if p.top_k > 0 else V for p in sub]
+        temps = torch.tensor([p.temperature for p in sub])[:, None]
+        want = in_token_space(*_filtered(logits[rows] / temps, V, top_k, sub))
+        got = in_token_space(*candidates(logits[rows], sub))
+        assert torch.allclose(got, want, atol=1e-6), rows
+    uncut = candidates(logits[:2], [SamplingParams(), SamplingParams(temperature=0.5)])
+    assert uncut[0].shape == (2, V) and torch.allclose(uncut[0].sum(-1), torch.ones(2))
+    assert SHORTLIST < V

@@ -134,23 +134,45 @@ class Sampler:
 def candidates(logits: torch.Tensor, params: list[SamplingParams]) -> tuple[torch.Tensor, torch.Tensor]:
     """What a draw picks from: (probs, order), each (R, K), for penalized logits (R, V) after
     temperature, top-k, min-p and top-p: token order[r, i] has weight probs[r, i] (unnormalized;
-    zero where filtered out), best first. Speculative decoding reads the same distribution."""
-    dev = logits.device
+    zero where filtered out), best first - or every token in token order when no row cuts any.
+    Speculative decoding reads the same distribution."""
+    dev, V = logits.device, logits.shape[-1]
     temps = torch.tensor([p.temperature for p in params], device=dev)[:, None]
-    top_k = [min(p.top_k, logits.shape[-1]) if p.top_k > 0 else logits.shape[-1] for p in params]
-    # One sort of the top max(top_k) candidates serves every row's filters.
-    values, order = (logits / temps).topk(max(top_k), dim=-1)  # (R, K)
-    rank = torch.arange(values.shape[-1], device=dev)[None]
-    values = values.masked_fill(rank >= torch.tensor(top_k, device=dev)[:, None], float("-inf"))
-    probs = values.softmax(-1)  # (R, K), sorted best first
+    scaled = logits / temps  # (R, V)
+    if all((p.top_k <= 0 or p.top_k >= V) and p.top_p >= 1 and p.min_p <= 0 for p in params):
+        # nothing is cut: the whole distribution in token order (a sort of V costs more than the step)
+        return scaled.softmax(-1), torch.arange(V, device=dev).expand(len(params), V)
+    top_k = [min(p.top_k, V) if p.top_k > 0 else V for p in params]
+    # A first look at the best SHORTLIST: enough when every row's filters cut inside it.
+    width = max(top_k) if max(top_k) < V else min(V, max(SHORTLIST, *(k for k in top_k if k < V), 1))
+    probs, order = _filtered(scaled, width, top_k, params)
+    past = torch.tensor([k > width for k in top_k], device=dev)  # rows whose top-k reaches past it
+    if width < V and bool(((probs[:, -1] > 0) & past).any()):
+        probs, order = _filtered(scaled, V, top_k, params)  # some row keeps tokens past it: all of V
+    return probs, order
+
+
+SHORTLIST = 1024  # candidates looked at first for rows without top-k
+
+
+def _filtered(scaled: torch.Tensor, width: int, top_k: list[int], params: list[SamplingParams]):
+    """(probs, order) of the best `width` tokens of each row, each prob its share of what top-k
+    keeps of the whole row (so a shortlist gives the numbers all of V would), then min-p, top-p."""
+    dev, V = scaled.device, scaled.shape[-1]
+    values, order = scaled.topk(width, dim=-1)  # (R, K), sorted best first
+    rank = torch.arange(width, device=dev)[None]
+    k = torch.tensor(top_k, device=dev)[:, None]  # (R, 1)
+    values = values.masked_fill(rank >= k, float("-inf"))
+    # normalizer: a row's top-k tokens (all inside the shortlist), or all of its V tokens
+    total = torch.where(k < V, values.logsumexp(-1, keepdim=True), scaled.logsumexp(-1, keepdim=True))
+    probs = (values - total).exp()  # (R, K)
     min_p = torch.tensor([p.min_p for p in params], device=dev)[:, None]
     probs = probs.masked_fill(probs < min_p * probs[:, :1], 0.0)
     top_p = torch.tensor([p.top_p for p in params], device=dev)[:, None]
     # keep the smallest prefix whose mass reaches top_p; the best token always stays, also
     # when top_p is so small (1e-300) that it is 0 in float32 and every token would be cut
     mass_before = probs.cumsum(-1) - probs
-    probs = probs.masked_fill((mass_before >= top_p * probs.sum(-1, keepdim=True)) & (rank > 0), 0.0)
-    return probs, order
+    return probs.masked_fill((mass_before >= top_p) & (rank > 0), 0.0), order
 
 
 def _on_host(p: SamplingParams) -> bool:
