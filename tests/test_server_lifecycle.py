@@ -29,13 +29,14 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("transformers")
 
 LONG = 2000  # tokens: seconds of decoding for the tiny model, so a stream is still running when signalled
+HUGE = 60000  # tokens: more than the tiny model decodes in a request timeout of 6 s on any host seen (~4,000 tok/s)
 
 
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory):
     path = make_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny", vocab_size=VOCAB, hidden_size=32,
                            intermediate_size=64, num_hidden_layers=2, eos_token_id=258,
-                           max_position_embeddings=8192)
+                           max_position_embeddings=65536)
     return write_tokenizer(path)
 
 
@@ -243,7 +244,7 @@ def test_second_signal_ends_streams_with_an_error_event_and_exits_at_once(serve)
 
 def test_queue_bound_request_timeout_and_shutdown_timeout(serve):
     server = serve("--max-num-seqs", "1", "--max-queued-requests", "2", "--request-timeout", "6",
-                   "--shutdown-timeout", "1", "--kv-cache-memory", "8MiB")
+                   "--shutdown-timeout", "1", "--kv-cache-memory", "64MiB")
     server.wait_ready()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
     running, queued = Stream(4 * LONG), [Stream(8) for _ in range(2)]
@@ -269,7 +270,7 @@ def test_queue_bound_request_timeout_and_shutdown_timeout(serve):
     server.wait_metric("vllm:kv_cache_usage_perc", 0)
     server.wait_metric("vllm:num_requests_waiting", 0)
     with pytest.raises(openai.APIStatusError) as e:  # not streamed: a 504 naming the limit
-        client.completions.create(model="tiny", prompt="hi", max_tokens=4 * LONG, extra_body={"ignore_eos": True})
+        client.completions.create(model="tiny", prompt="hi", max_tokens=HUGE, extra_body={"ignore_eos": True})
     assert e.value.status_code == 504 and "--request-timeout" in e.value.message
 
     cut = Stream(4 * LONG)

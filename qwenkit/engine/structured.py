@@ -211,7 +211,10 @@ class Guide:
             row[t // 32] |= _bit(t)
 
     def banned(self) -> list[int]:
-        """Tokens that may not come now: the end of a still-empty answer (budgeted, no grammar)."""
+        """Tokens that may not come now: the end of a budgeted thought (it is closed for the
+        request instead, and an answer follows) or of a still-empty answer (no grammar)."""
+        if self.budget is not None and self.phase == "reasoning":
+            return self.stop_ids
         if self.phase == "answer" and not self.answered and self.matcher is None:
             return self.stop_ids
         return []
