@@ -247,7 +247,7 @@ def test_queue_bound_request_timeout_and_shutdown_timeout(serve):
                    "--shutdown-timeout", "1", "--kv-cache-memory", "64MiB")
     server.wait_ready()
     client = openai.OpenAI(base_url=server.url + "/v1", api_key="none", max_retries=0, timeout=60)
-    running, queued = Stream(4 * LONG), [Stream(8) for _ in range(2)]
+    running, queued = Stream(HUGE), [Stream(8) for _ in range(2)]
 
     async def fill_the_queue():
         async with httpx.AsyncClient() as http:
@@ -273,7 +273,7 @@ def test_queue_bound_request_timeout_and_shutdown_timeout(serve):
         client.completions.create(model="tiny", prompt="hi", max_tokens=HUGE, extra_body={"ignore_eos": True})
     assert e.value.status_code == 504 and "--request-timeout" in e.value.message
 
-    cut = Stream(4 * LONG)
+    cut = Stream(HUGE)
 
     async def shutdown_timeout():
         async with httpx.AsyncClient() as http:
