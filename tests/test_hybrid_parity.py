@@ -8,7 +8,7 @@ import torch
 
 import qwenkit
 from hybrid_tiny import HYBRIDS, make_hybrid
-from tiny import load_reference, rel_diff
+from tiny import left_padded, load_reference, rel_diff
 
 TOL = 1e-4
 
@@ -57,10 +57,7 @@ def test_left_padded_batch_equals_each_sequence_alone(pair):
     ours, _ = pair
     seqs = [_ids(n, seed=10 + n)[0] for n in (5, 17, 70)]
     T = 70
-    batch = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    batch, mask = left_padded(seqs, T)
     with torch.no_grad():
         padded = ours(batch, attention_mask=mask)
         cache = ours.new_cache(len(seqs), T + 3)  # then decode 3 tokens through the cache

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qwenkit
-from tiny import ARCHS, ROPES, load_reference, make_checkpoint, rel_diff
+from tiny import ARCHS, ROPES, left_padded, load_reference, make_checkpoint, rel_diff
 
 TOL = 1e-4
 CASES = [(arch, None) for arch in ARCHS] + [("qwen2", rope) for rope in ROPES]
@@ -52,10 +52,7 @@ def test_left_padded_batch_equals_each_sequence_alone(tmp_path):
     lengths = [5, 17, 30]
     seqs = [_ids(n, seed=10 + n)[0] for n in lengths]
     T = max(lengths)
-    batch = torch.zeros(len(seqs), T, dtype=torch.long)
-    mask = torch.zeros(len(seqs), T, dtype=torch.long)
-    for i, s in enumerate(seqs):
-        batch[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    batch, mask = left_padded(seqs, T)
     with torch.no_grad():
         padded = ours(batch, attention_mask=mask)
         assert torch.isfinite(padded).all()

@@ -95,3 +95,12 @@ def load_reference(path: Path):
 def rel_diff(a: torch.Tensor, b: torch.Tensor) -> float:
     """Max abs difference relative to max(1, max |logit|)."""
     return float((a - b).abs().max() / max(1.0, float(b.abs().max())))
+
+
+def left_padded(seqs: list[torch.Tensor], T: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(ids, attention_mask), each (len(seqs), T): every sequence right-aligned, zeros before it."""
+    batch = torch.zeros(len(seqs), T, dtype=torch.long)
+    mask = torch.zeros(len(seqs), T, dtype=torch.long)
+    for i, s in enumerate(seqs):
+        batch[i, T - len(s):], mask[i, T - len(s):] = s, 1
+    return batch, mask
