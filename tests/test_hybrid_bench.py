@@ -29,3 +29,19 @@ def test_hybrid_shape_keeps_the_preset_width_and_layer_pattern():
     cfg = hybrid_shape("qwen3.5-9b", layers=8, vocab=4096)
     assert cfg.hidden_size == 4096 and cfg.linear_num_value_heads == 32 and cfg.vocab_size == 4096
     assert cfg.attention_layers == (3, 7)
+
+
+def test_bench_prefix_hits_the_shared_prefix_with_identical_tokens():
+    """`qwenkit bench prefix` on a tiny hybrid: the second request of each repeat starts from the
+    snapshot at the end of the shared prefix, and its tokens equal the uncached engine's."""
+    from qwenkit.bench.prefix import run
+    from qwenkit.loader import build_model
+
+    model = build_model(QwenConfig.from_dict(TINY), torch.float32, "cpu").init_weights(seed=0).eval()
+    model.eos_token_ids = []
+    result = run(model, prefix_len=40, suffix_len=5, repeats=2, max_tokens=4, interval=16)
+    assert result["tokens_identical"]
+    # per repeat: a 45-token first request (no hit) and a second one hitting 32 tokens (the snapshot at 32)
+    assert result["hit_tokens"] == 2 * 32
+    assert result["queried_tokens"] == 6 + 2 * 2 * 45  # the warm-up request's 6 tokens first
+    assert set(result["ttft_s"]) == {"first (no hit)", "hit", "no cache"}

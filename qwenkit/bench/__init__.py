@@ -58,6 +58,10 @@ def main(argv: list[str], prog: str = "qwenkit bench") -> int:
         from .spec import main as spec_main
 
         return spec_main(argv[1:], prog=f"{prog} spec")
+    if argv and argv[0] == "prefix":
+        from .prefix import main as prefix_main
+
+        return prefix_main(argv[1:], prog=f"{prog} prefix")
     if argv and argv[0] == "scaling":
         from .scaling import main as scaling_main
 

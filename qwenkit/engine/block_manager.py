@@ -145,6 +145,10 @@ class BlockManager:
         seq.num_computed_tokens = 0
         seq.num_hashed_blocks = 0
 
+    def take_copies(self) -> list[tuple[int, int]]:
+        """State slots to copy (from, to) before the next step: none without recurrent state."""
+        return []
+
     def _take(self, block_id: int) -> None:
         block = self.blocks[block_id]
         if block.ref_count == 0:
@@ -162,16 +166,42 @@ class BlockManager:
 class StateBlockManager(BlockManager):
     """A hybrid model's bookkeeping: blocks for its attention layers' K/V and, per sequence, one of
     `num_slots` recurrent-state slots, taken with the first blocks and returned with the last (a
-    preempted sequence loses its slot and recomputes its state from the start). A waiting sequence
-    is admitted only when a slot is free. No prefix cache: a cached block of K/V is of no use
-    without the recurrent state after it, which is not kept."""
+    preempted sequence loses its slot). A waiting sequence is admitted only when a slot is free.
 
-    def __init__(self, num_blocks: int, block_size: int, num_slots: int):
-        super().__init__(num_blocks, block_size, enable_prefix_caching=False)
+    Prefix cache: a cached block of K/V is of no use without the recurrent state after it, so a
+    hybrid's prefix hits end at a *snapshot*: the state copied aside each time a sequence's
+    computed tokens reach a multiple of `snapshot_interval` (a multiple of block_size; the
+    scheduler ends prefill chunks there, where a call leaves the state). Snapshots take
+    `num_snapshots` more slots (ids from num_slots on), each keyed by the hash of the block it
+    ends, the least recently used replaced first. The copies are decided here and made by the
+    runner before the next step's calls (`take_copies`), in order: nothing changes a slot
+    between two steps, so a save still finds its sequence's state, and a restore runs after the
+    save it may read. Without snapshots there is no prefix cache."""
+
+    def __init__(self, num_blocks: int, block_size: int, num_slots: int, num_snapshots: int = 0,
+                 snapshot_interval: int | None = None):
+        super().__init__(num_blocks, block_size, enable_prefix_caching=num_snapshots > 0)
         if num_slots < 1:
             raise ValueError(f"need at least one state slot, got {num_slots}")
+        self.snapshot_interval = snapshot_interval or block_size
+        if self.snapshot_interval % block_size:
+            raise ValueError(f"the state snapshot interval ({self.snapshot_interval}) must be a multiple of the "
+                             f"block size ({block_size})")
         self.num_slots = num_slots
         self.free_slots: list[int] = list(range(num_slots - 1, -1, -1))  # popped from the end: slot 0 first
+        # snapshot slot -> hash of the block it ends (None: empty), least recently used first
+        self.snapshots: OrderedDict[int, int | None] = OrderedDict.fromkeys(range(num_slots, num_slots + num_snapshots))
+        self.snapshot_of: dict[int, int] = {}  # block hash -> its snapshot slot
+        self.copies: list[tuple[int, int]] = []  # (from slot, to slot), for the runner, in order
+
+    def _cached_prefix(self, seq: Sequence) -> list[int]:
+        """The cached blocks up to the last one that ends at a snapshot."""
+        hits = super()._cached_prefix(seq)
+        per = self.snapshot_interval // self.block_size
+        for n in range(len(hits) // per * per, 0, -per):
+            if self.blocks[hits[n - 1]].hash in self.snapshot_of:
+                return hits[:n]
+        return []
 
     def can_allocate(self, seq: Sequence) -> bool:
         return bool(self.free_slots) and super().can_allocate(seq)
@@ -180,6 +210,33 @@ class StateBlockManager(BlockManager):
         assert seq.state_slot is None, f"{seq} already holds state slot {seq.state_slot}"
         super().allocate(seq)
         seq.state_slot = self.free_slots.pop()
+        if seq.num_computed_tokens:  # a prefix hit: its state starts as the snapshot's
+            last = self.blocks[seq.block_table[seq.num_computed_tokens // self.block_size - 1]]
+            snapshot = self.snapshot_of[last.hash]
+            self.snapshots.move_to_end(snapshot)
+            self.copies.append((snapshot, seq.state_slot))
+
+    def register_computed(self, seq: Sequence) -> None:
+        """Hash seq's computed blocks; keep its state aside when they end on the snapshot grid."""
+        super().register_computed(seq)
+        n = seq.num_computed_tokens
+        if not self.snapshots or n == 0 or n % self.snapshot_interval or n // self.block_size > seq.num_hashed_blocks:
+            return
+        key = self.blocks[seq.block_table[n // self.block_size - 1]].hash
+        if key in self.snapshot_of:
+            self.snapshots.move_to_end(self.snapshot_of[key])
+            return
+        snapshot, old = next(iter(self.snapshots.items()))
+        if old is not None:
+            del self.snapshot_of[old]
+        self.snapshots[snapshot] = key
+        self.snapshots.move_to_end(snapshot)
+        self.snapshot_of[key] = snapshot
+        self.copies.append((seq.state_slot, snapshot))
+
+    def take_copies(self) -> list[tuple[int, int]]:
+        copies, self.copies = self.copies, []
+        return copies
 
     def free_seq(self, seq: Sequence) -> None:
         if seq.state_slot is not None:

@@ -19,7 +19,7 @@ from ..errors import ConfigError, RequestError
 from ..model.multi_lora import Adapter, AdapterSet
 from ..speculative.verify import num_kept
 from .block_manager import BlockManager, StateBlockManager
-from .memory import plan_num_blocks
+from .memory import plan_num_blocks, state_slots
 from .output import IncrementalText, RequestOutput
 from .runner import ModelRunner
 from .sampler import Sample, Sampler
@@ -39,15 +39,18 @@ class Engine:
         self.max_model_len = min(settings.max_model_len or model.config.context_length, model.config.context_length)
         self.vocab_size = model.config.vocab_size
         num_blocks = plan_num_blocks(model, settings, self.max_model_len)
-        if model.config.is_hybrid:  # a slot per running sequence; no prefix cache (see StateBlockManager)
-            self.blocks = StateBlockManager(num_blocks, settings.block_size, settings.max_num_seqs)
+        align = None
+        if model.config.is_hybrid:  # a slot per running sequence, and the prefix cache's state snapshots
+            self.blocks = StateBlockManager(num_blocks, settings.block_size, settings.max_num_seqs,
+                                            settings.num_state_snapshots, settings.state_snapshot_interval)
+            align = settings.state_snapshot_interval if settings.num_state_snapshots else None
         else:
             self.blocks = BlockManager(num_blocks, settings.block_size,
                                        settings.enable_prefix_caching and not settings.deterministic)
         self.speculation = Speculation(self.max_model_len)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
                                    model.eos_token_ids, self.max_model_len, settings.deterministic,
-                                   propose=self.speculation.propose, max_rows=MAX_ROWS)
+                                   propose=self.speculation.propose, max_rows=MAX_ROWS, align=align)
         # LoRA adapters served beside the base model, chosen per request (None: none can be loaded)
         self.adapters = AdapterSet(model, settings.max_loras, settings.max_lora_rank) if settings.max_loras else None
         # structured outputs and thinking budgets (grammars need the tokenizer's vocabulary)
@@ -55,7 +58,7 @@ class Engine:
         sampler = Sampler(guidance=self.guidance, batch_invariant=settings.deterministic)
         self.runner = ModelRunner(model, num_blocks, settings.block_size, sampler, adapters=self.adapters,
                                   deterministic=settings.deterministic,
-                                  num_state_slots=settings.max_num_seqs if model.config.is_hybrid else 0)
+                                  num_state_slots=state_slots(model, settings))
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
@@ -161,6 +164,7 @@ class Engine:
         if not chunks:
             return []
         self.stats.on_step([c.seq for c in chunks], time.monotonic())
+        self.runner.copy_states(self.blocks.take_copies())  # a hybrid's state snapshots, kept and restored
         samples, failures = self._run(chunks)
         for chunk, sample in zip(chunks, samples):
             if chunk.draft and sample is not None:
@@ -268,3 +272,6 @@ def _check_hybrid(model, settings: EngineSettings) -> None:
         if bad:
             raise ConfigError(f"the batching engine does not run {what} on hybrid models "
                               f"({model.config.model_type}) yet")
+    if settings.num_state_snapshots and settings.state_snapshot_interval % settings.block_size:
+        raise ConfigError(f"state_snapshot_interval ({settings.state_snapshot_interval}) must be a multiple of "
+                          f"block_size ({settings.block_size}): a hybrid's prefix hits end at whole blocks")

@@ -2,7 +2,8 @@
 
 The budget (`kv_cache_memory`, or `kv_cache_fraction` of free memory) also pays for the LoRA
 adapter slots (`max_loras` of rank up to `max_lora_rank`) and, for a hybrid model, the
-`max_num_seqs` recurrent-state slots (`state_bytes`): the KV cache gets what they leave.
+recurrent-state slots (`state_slots`: `max_num_seqs` and the prefix cache's snapshots): the KV
+cache gets what they leave.
 
 An explicit budget is checked against the memory free on the device before anything is
 allocated: a cache larger than what is free is refused with a ConfigError naming the setting,
@@ -113,7 +114,7 @@ def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
     adapters = adapter_bytes(model, settings)
     if adapters + states + per_block > budget:
         raise ConfigError(f"{settings.max_loras} LoRA adapter slots of rank {settings.max_lora_rank} "
-                          f"({adapters / 2**20:.0f} MiB) and {settings.max_num_seqs if states else 0} "
+                          f"({adapters / 2**20:.0f} MiB) and {state_slots(model, settings)} "
                           f"recurrent-state slots ({states / 2**20:.0f} MiB) leave no room for the KV cache "
                           f"in the budget of {budget / 2**20:.0f} MiB")
     budget -= adapters + states
@@ -126,7 +127,12 @@ def adapter_bytes(model, settings: EngineSettings) -> int:
     return settings.max_loras * nbytes_for(model, settings.max_lora_rank) if settings.max_loras else 0
 
 
+def state_slots(model, settings: EngineSettings) -> int:
+    """A hybrid model's recurrent-state slots: one per running sequence (`max_num_seqs`) and the
+    prefix cache's snapshots; none for other models."""
+    return settings.max_num_seqs + settings.num_state_snapshots if model.config.is_hybrid else 0
+
+
 def state_bytes(model, settings: EngineSettings) -> int:
-    """What a hybrid model's recurrent-state slots take: one per running sequence (`max_num_seqs`)."""
-    cfg = model.config
-    return settings.max_num_seqs * bytes_per_slot(cfg, model.dtype) if cfg.is_hybrid else 0
+    """What a hybrid model's recurrent-state slots take."""
+    return state_slots(model, settings) * bytes_per_slot(model.config, model.dtype)

@@ -56,7 +56,8 @@ def attention_layout(model) -> tuple[int, int]:
 class ModelRunner:
     def __init__(self, model, num_blocks: int, block_size: int, sampler: Sampler | None = None, adapters=None,
                  deterministic: bool = False, num_state_slots: int = 0):
-        """`num_state_slots`: a hybrid model's recurrent-state slots (the engine's max_num_seqs)."""
+        """`num_state_slots`: a hybrid model's recurrent-state slots (a running sequence's, and the
+        prefix cache's snapshots)."""
         self.model = model
         self.device = model.device
         n_kv, head_dim = attention_layout(model)
@@ -85,6 +86,11 @@ class ModelRunner:
         # Set by tensor parallelism: called with each step's groups before they run, so the
         # other ranks run the same model calls on their shards.
         self.broadcast = None
+
+    def copy_states(self, copies: list[tuple[int, int]]) -> None:
+        """Copy recurrent-state slots (from, to), in order: the block manager's snapshot copies."""
+        if copies:
+            self.cache.copy_slots(copies)
 
     @torch.inference_mode()
     def step(self, chunks: list[Chunk]) -> list:

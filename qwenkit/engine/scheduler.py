@@ -3,7 +3,8 @@
 Continuous batching: every step, running sequences decode one token each, partly prefilled
 prompts continue, and waiting requests are admitted while blocks, batch slots and the prefill
 token budget last; long prompts are prefilled `max_prefill_tokens` at a time (with `deterministic`, in chunks that
-depend on the sequence alone: see `chunk_size`). When a running
+depend on the sequence alone: see `chunk_size`; for a hybrid model's prefix cache, in chunks that
+end on its state-snapshot grid, `align`). When a running
 sequence needs a block and none is free, the newest running sequence is preempted: its blocks
 are freed and it waits at the front of the queue to be recomputed (prompt and output so far).
 
@@ -49,7 +50,8 @@ class Chunk:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
                  eos_token_ids=(), max_model_len: int | None = None, deterministic: bool = False,
-                 propose: Callable[[Sequence, int], list[int]] | None = None, max_rows: int = 16):
+                 propose: Callable[[Sequence, int], list[int]] | None = None, max_rows: int = 16,
+                 align: int | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
         self.max_prefill_tokens = max_prefill_tokens
@@ -58,6 +60,7 @@ class Scheduler:
         self.deterministic = deterministic
         self.propose = propose  # (seq, at most n) -> guessed tokens; None: no speculation
         self.max_rows = max_rows  # one-token rows a step, drafts included, beyond which no guesses are made
+        self.align = align  # prefill chunks end at multiples of it (where a hybrid's state is kept); None: anywhere
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -134,13 +137,14 @@ class Scheduler:
 
     def chunk_size(self, seq: Sequence, budget: int) -> int:
         """Tokens of seq to compute next (0: none this step). Normally as many as the budget takes.
-        Deterministic: prompt chunks on a grid of `max_prefill_tokens` from position 0, never cut
+        With `align`, a chunk stops at the next multiple of it. Deterministic: prompt chunks on a grid of `max_prefill_tokens` from position 0, never cut
         by the budget (a chunk that does not fit waits), and generated tokens recomputed after a
         preemption one at a time, as they were decoded - so each token's numbers are the same
         whatever else runs in the step."""
         start = seq.num_computed_tokens
         if not self.deterministic:
-            return min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget)
+            return n if self.align is None else min(n, self.align - start % self.align)
         if start >= seq.num_prompt_tokens:
             return 1
         C = self.max_prefill_tokens

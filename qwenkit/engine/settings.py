@@ -31,6 +31,18 @@ class EngineSettings:
     # prefix cache (a cached block may have been computed in other chunks than this request's).
     deterministic: bool = False
     speculative: SpeculativeParams | None = None  # for requests that ask for none (and can take it); None: off
+    # Hybrid models' prefix cache: their recurrent state is kept aside (a snapshot) each time a
+    # sequence's computed tokens reach a multiple of `state_snapshot_interval` (prompt chunks end
+    # there), in up to `max_state_snapshots` slots (None: max_num_seqs), least recently used evicted.
+    state_snapshot_interval: int = 256
+    max_state_snapshots: int | None = None
+
+    @property
+    def num_state_snapshots(self) -> int:
+        """Snapshot slots a hybrid model's engine keeps (0 without a prefix cache)."""
+        if not self.enable_prefix_caching or self.deterministic:
+            return 0
+        return self.max_num_seqs if self.max_state_snapshots is None else self.max_state_snapshots
 
     def __post_init__(self):
         checks = [(self.block_size >= 1, "block_size must be >= 1"),
@@ -42,7 +54,9 @@ class EngineSettings:
                   (self.max_loras >= 0, "max_loras must be >= 0"), (self.max_lora_rank >= 1, "max_lora_rank must be >= 1"),
                   (self.max_queued_requests is None or self.max_queued_requests >= 0,
                    "max_queued_requests must be >= 0"),
-                  (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be > 0")]
+                  (self.request_timeout is None or self.request_timeout > 0, "request_timeout must be > 0"),
+                  (self.state_snapshot_interval >= 1, "state_snapshot_interval must be >= 1"),
+                  (self.max_state_snapshots is None or self.max_state_snapshots >= 0, "max_state_snapshots must be >= 0")]
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"EngineSettings: {message}")

@@ -8,6 +8,9 @@ names the rows' slots (`prepare_states`); `read_state` gathers them, `write_stat
 states aside and `end` scatters them back: a call that fails midway leaves every slot as it was,
 so the engine may rerun its chunks one by one. Rows that start their sequence (position 0) get
 their slot zeroed first: a slot comes back from its last owner as it was left.
+
+The prefix cache's snapshots are slots too, past the running sequences' (`StateBlockManager`
+decides which; `copy_slots` copies a sequence's slot to a snapshot and back).
 """
 
 from __future__ import annotations
@@ -73,6 +76,12 @@ class PagedStateCache:
             self.conv.index_fill_(1, zero, 0)
             self.state.index_fill_(1, zero, 0)
         self.pending = {}
+
+    def copy_slots(self, copies: list[tuple[int, int]]) -> None:
+        """Copy whole slots, (from, to) pairs in order: state snapshots kept and restored."""
+        for src, dst in copies:
+            self.conv[:, dst] = self.conv[:, src]
+            self.state[:, dst] = self.state[:, src]
 
     def begin(self, attention_mask, T: int):
         return self.kv.begin(attention_mask, T)

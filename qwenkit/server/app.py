@@ -241,6 +241,10 @@ def parser(prog: str):
     p.add_argument("--max-prefill-tokens", type=int, default=512)
     p.add_argument("--max-model-len", type=int, default=None)
     p.add_argument("--no-prefix-caching", action="store_true")
+    p.add_argument("--state-snapshot-interval", type=int, default=256,
+                   help="hybrid models: keep the recurrent state every N tokens for prefix hits (default 256)")
+    p.add_argument("--max-state-snapshots", type=int, default=None,
+                   help="hybrid models: state snapshots kept for the prefix cache (default: --max-num-seqs)")
     p.add_argument("--deterministic", action="store_true",
                    help="each request's tokens independent of what it is batched with (see docs/serving.md)")
     p.add_argument("--tensor-parallel-size", type=int, default=1)
@@ -323,7 +327,8 @@ def engine_settings(args):
                           max_model_len=args.max_model_len, enable_prefix_caching=not args.no_prefix_caching,
                           max_queued_requests=args.max_queued_requests, request_timeout=args.request_timeout,
                           deterministic=args.deterministic, speculative=speculative,
-                          **adapters.settings_from(args))
+                          state_snapshot_interval=args.state_snapshot_interval,
+                          max_state_snapshots=args.max_state_snapshots, **adapters.settings_from(args))
 
 
 def load(args):
