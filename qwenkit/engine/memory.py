@@ -116,7 +116,8 @@ def plan_num_blocks(model, settings: EngineSettings, max_model_len: int) -> int:
         raise ConfigError(f"{settings.max_loras} LoRA adapter slots of rank {settings.max_lora_rank} "
                           f"({adapters / 2**20:.0f} MiB) and {state_slots(model, settings)} "
                           f"recurrent-state slots ({states / 2**20:.0f} MiB) leave no room for the KV cache "
-                          f"in the budget of {budget / 2**20:.0f} MiB")
+                          f"in the budget of {budget / 2**20:.0f} MiB (fewer: --max-loras, --max-num-seqs, "
+                          f"--max-state-snapshots; more: --kv-cache-memory)")
     budget -= adapters + states
     useful = settings.max_num_seqs * -(-max_model_len // settings.block_size)
     return max(1, min(budget // per_block, useful))
