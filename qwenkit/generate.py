@@ -4,8 +4,9 @@
 `generate_stream` yields them as they come, for the CLI. Temperature 0 is greedy. Tokens are
 picked by the engine's `Sampler` under the matching `SamplingParams`, so a request gets the same
 tokens (and the same RequestErrors) here as from the engine. `speculative=` ("ngram",
-"draft:PATH" or a proposer; see `qwenkit.speculative`) decodes several tokens a call after the
-first: greedy output is the same tokens, sampled output the same distribution.
+"draft:PATH", "mtp" or a proposer; see `qwenkit.speculative`) decodes several tokens a call after
+the first, on every model kind (hybrids included): greedy output is the same tokens, sampled
+output the same distribution.
 """
 
 from __future__ import annotations
@@ -43,19 +44,30 @@ def generate_stream(model, input_ids: list[int], max_new_tokens: int, temperatur
     proposer = proposer_for(speculative, model) if speculative is not None else None
     cache = model.new_cache(1, total)
     decode = decode_step(model)
-    ids = torch.tensor([input_ids], device=model.device)
-    for _ in range(max_new_tokens):
-        step = model if ids.shape[1] > 1 else decode  # prefill through the model, then the backend's step
-        logits = step(ids, cache=cache, logits_to_keep=1)[0, -1]  # (V,)
-        token = sampler(logits[None], [seq])[0].token_id
+    logits, hidden = _prefill(model, input_ids, cache, proposer is not None and proposer.needs_hidden)
+    for i in range(max_new_tokens):
+        if i:
+            logits = decode(torch.tensor([[token]], device=model.device), cache=cache, logits_to_keep=1)
+        token = sampler(logits[0, -1][None], [seq])[0].token_id
         seq.token_ids.append(token)
         yield token
         if token in stops:
             return
         if proposer is not None:  # after the prefill's token: proposals need a last token to follow
-            yield from speculative_tokens(model, seq, sampler, cache, proposer, stops, max_new_tokens, spec_stats)
+            yield from speculative_tokens(model, seq, sampler, cache, proposer, stops, max_new_tokens, spec_stats,
+                                          hidden)
             return
-        ids = torch.tensor([[token]], device=model.device)
+
+
+def _prefill(model, input_ids: list[int], cache, with_hidden: bool):
+    """(logits (1, 1, V) after the prompt, its final hidden states (P, H) when asked, else None):
+    through the model, or the backend's step for a one-token prompt."""
+    ids = torch.tensor([input_ids], device=model.device)
+    if with_hidden:  # an MTP head reads the hidden state at every prompt position
+        logits, hidden = model(ids, cache=cache, logits_to_keep=1, return_hidden=True)
+        return logits, hidden[0]
+    step = model if len(input_ids) > 1 else decode_step(model)
+    return step(ids, cache=cache, logits_to_keep=1), None
 
 
 def generate(model, input_ids: list[int], max_new_tokens: int, temperature: float = 0.0,
@@ -63,6 +75,7 @@ def generate(model, input_ids: list[int], max_new_tokens: int, temperature: floa
              stop_token_ids: list[int] | None = None, seed: int | None = None, speculative=None) -> list[int]:
     """The new token ids for a prompt (list of ints). Stops at the model's EOS ids or stop_token_ids.
     speculative: None (plain decoding), "ngram" (prompt lookup), "draft:PATH" (a smaller model
-    with the same tokenizer) or a `qwenkit.speculative.Proposer`."""
+    with the same tokenizer), "mtp" (the checkpoint's own multi-token-prediction head: Qwen3-Next,
+    Qwen3.5) or a `qwenkit.speculative.Proposer`."""
     return list(generate_stream(model, input_ids, max_new_tokens, temperature, top_k, top_p,
                                 stop_token_ids, seed, speculative))

@@ -60,3 +60,46 @@ def make_hybrid(path: Path, arch: str, seed: int = 0, dtype=torch.float32, **ove
                 p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
     model.to(dtype).save_pretrained(path)
     return path
+
+
+def add_mtp(path: Path, seed: int = 0, fused_experts: bool = False, scale: float = 1.0) -> Path:
+    """Give the checkpoint at `path` a random MTP head under the published names, in its own
+    safetensors file as the releases shard it: mtp.fc, the three norms, and `mtp.layers.0.*`, a
+    full-attention layer (attention and its norms shaped as a full-attention layer's, the MLP as
+    layer 0's; experts one by one as Qwen3-Next stores them, or stacked as `experts.gate_up_proj`
+    / `experts.down_proj` as Qwen3.5 MoE does). `scale` multiplies every drawn matrix."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    config = json.loads((path / "config.json").read_text())
+    types = config.get("layer_types") or [("full_attention" if (i + 1) % 4 == 0 else "linear_attention")
+                                          for i in range(config["num_hidden_layers"])]
+    full = types.index("full_attention")
+    model = load_file(path / "model.safetensors")
+    shapes = {f"layers.0.{k.split('.', 3)[3]}": v.shape for k, v in model.items()
+              if k.startswith(f"model.layers.{full}.") and ".mlp." not in k}
+    shapes |= {f"layers.0.{k.split('.', 3)[3]}": v.shape for k, v in model.items() if k.startswith("model.layers.0.mlp.")}
+    if fused_experts:
+        shapes = _stack_experts(shapes)
+    H = config["hidden_size"]
+    shapes |= {"fc.weight": (H, 2 * H), "pre_fc_norm_embedding.weight": (H,), "pre_fc_norm_hidden.weight": (H,),
+               "norm.weight": (H,)}
+    gen = torch.Generator().manual_seed(seed)
+    mtp = {}
+    for name, shape in sorted(shapes.items()):
+        noise = torch.randn(shape, generator=gen)
+        mtp[f"mtp.{name}"] = 0.2 * noise if name.endswith("norm.weight") else noise * scale * 1.5 / shape[-1] ** 0.5
+    save_file({k: v.contiguous() for k, v in mtp.items()}, path / "model-mtp.safetensors")
+    index = {"metadata": {}, "weight_map": {k: "model.safetensors" for k in model} | {k: "model-mtp.safetensors" for k in mtp}}
+    (path / "model.safetensors.index.json").write_text(json.dumps(index))
+    (path / "config.json").write_text(json.dumps({**config, "mtp_num_hidden_layers": 1}))
+    return path
+
+
+def _stack_experts(shapes: dict) -> dict:
+    """Per-expert gate/up/down shapes -> the stacked `experts.gate_up_proj` (E, 2I, H), `experts.down_proj` (E, H, I)."""
+    n = len({k for k in shapes if ".experts." in k and k.endswith("down_proj.weight")})
+    I, H = shapes["layers.0.mlp.experts.0.gate_proj.weight"]
+    kept = {k: v for k, v in shapes.items() if ".experts." not in k}
+    return kept | {"layers.0.mlp.experts.gate_up_proj": (n, 2 * I, H), "layers.0.mlp.experts.down_proj": (n, H, I)}

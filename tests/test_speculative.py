@@ -74,10 +74,12 @@ class Corrupting:
     """Proposes the plain decode's own continuation with every third token wrong: both kept and
     replaced proposals happen, at known places."""
 
+    needs_hidden = False
+
     def __init__(self, truth: list[int], prompt_len: int):
         self.truth, self.prompt_len = truth, prompt_len
 
-    def propose(self, seq, k, generator=None):
+    def propose(self, seq, k, generator=None, hidden=None):
         done = seq.num_output_tokens
         guess = self.truth[done:done + k]
         return Proposal([t if (done + i) % 3 else (t + 1) % 200 for i, t in enumerate(guess)])
@@ -156,7 +158,7 @@ def test_a_draft_with_another_tokenizer_is_refused(tiny):
     model = qwenkit.load_model(tiny["target"], dtype=torch.float32)
     with pytest.raises(RequestError, match="tokenizer differs"):
         generate(model, [1, 2, 3], 4, speculative=f"draft:{tiny['other']}")
-    with pytest.raises(RequestError, match="expected 'ngram' or 'draft:PATH'"):
+    with pytest.raises(RequestError, match="expected 'ngram', 'draft:PATH' or 'mtp'"):
         generate(model, [1, 2, 3], 4, speculative="eagle")
 
 

@@ -73,6 +73,13 @@ class _StepCache:
     def trim(self, n: int) -> None:
         raise ValueError("a static step's cache holds one call; trim the cache it writes into")
 
+    def expect_trim(self, n: int) -> None:
+        if n:
+            self.trim(n)
+
+    def trim_window(self) -> int:
+        return 0
+
 
 class DenseStepCache(_StepCache):
     """Over a static KVCache's storage k, v (layers, B, n_kv, L, D): the token goes to slot `at`."""

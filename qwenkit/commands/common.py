@@ -45,15 +45,16 @@ def add_sampling_args(parser: argparse.ArgumentParser, max_new_tokens: int = 256
     parser.add_argument("--top-k", type=int, default=None)
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=None)
-    parser.add_argument("--speculative", type=speculative_arg, default=None, metavar="ngram|draft:PATH",
-                        help="speculative decoding: prompt lookup, or a smaller model with the same tokenizer "
+    parser.add_argument("--speculative", type=speculative_arg, default=None, metavar="ngram|draft:PATH|mtp",
+                        help="speculative decoding: prompt lookup, a smaller model with the same tokenizer, or "
+                             "the checkpoint's own multi-token-prediction head (Qwen3-Next, Qwen3.5) "
                              "(same output for greedy, same distribution when sampling)")
 
 
 def speculative_arg(text: str) -> str:
-    if text == "ngram" or (text.startswith("draft:") and len(text) > len("draft:")):
+    if text in ("ngram", "mtp") or (text.startswith("draft:") and len(text) > len("draft:")):
         return text
-    raise argparse.ArgumentTypeError(f"expected 'ngram' or 'draft:PATH', got {text!r}")
+    raise argparse.ArgumentTypeError(f"expected 'ngram', 'draft:PATH' or 'mtp', got {text!r}")
 
 
 SAMPLING_FLAGS = {"max_new_tokens": "max_tokens", "max_tokens": "max_tokens", "temperature": "temperature",
@@ -78,7 +79,8 @@ def check_sampling_args(args) -> None:
 def load(args, adapter=None):
     """(model, tokenizer) for parsed args, with a progress bar on the terminal; `adapter`: a LoRA
     adapter directory merged into the weights (before --quantize). A --speculative draft model is
-    loaded here too (once, for every turn), its tokenizer checked against the model's."""
+    loaded here too (once, for every turn), its tokenizer checked against the model's, and an MTP
+head built from the checkpoint's own weights."""
     from ..loader import load_model
     from ..tokenizer import load_tokenizer
 

@@ -60,6 +60,12 @@ class PagedKVCache:
     def trim(self, n: int) -> None:
         pass  # the next call's positions come from the scheduler, which frees what it no longer counts
 
+    def expect_trim(self, n: int) -> None:
+        pass
+
+    def trim_window(self) -> int:
+        return 0
+
     def slots(self) -> SlotMap:
         return self.slot_map
 

@@ -106,5 +106,12 @@ class PagedStateCache:
         if n:
             raise StateRollbackError("a hybrid model's recurrent state cannot forget tokens (no snapshots are kept)")
 
+    def expect_trim(self, n: int) -> None:
+        if n:
+            raise StateRollbackError("the engine keeps no per-token recurrent states to take tokens back to")
+
+    def trim_window(self) -> int:
+        return 0
+
     def slots(self):
         raise NotImplementedError("no kernel walks a hybrid cache's storage")

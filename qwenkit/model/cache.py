@@ -10,10 +10,16 @@ The model never asks what kind of cache it has. In one forward call it asks the 
    keeps, dense slices (`sdpa(q, k, v, mask)`) or a paged pool (`sdpa.paged(q, k, v, slots, mask)`).
 3. `end(T)`: the call is over; its tokens now belong to the cache.
 
-`trim(n)` forgets the last n tokens stored (a speculative step's rejected proposals).
+`trim(n)` forgets the last n tokens stored (a speculative step's rejected proposals). A caller
+that will trim says so first: after `expect_trim(n)`, up to the last n tokens fed may be taken
+back (until it says another n).
 
 A hybrid model's recurrent (Gated DeltaNet) layers call no `attend`: they ask `read_state(layer)`
-for their rows' states and hand the new ones to `write_state(layer, conv, state)`.
+for their rows' states and hand the new ones to `write_state(layer, conv, state)`. A state
+cannot be stepped back, so a recurrent layer asks `trim_window()` first: when it is w > 0 it
+hands the states after each of the call's last w + 1 tokens, stacked, which the cache keeps for
+`trim`. A cache that can forget without help (K/V slots are only overwritten) says 0 and
+ignores `expect_trim`.
 
 Kernels that walk the storage themselves (the fused decode step) ask `slots()`: a `SlotMap`
 saying where each row's positions live. Implementations: `KVCache` here (one preallocated
@@ -25,6 +31,7 @@ model's attention layers, beside per-sequence recurrent-state slots).
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,6 +87,14 @@ class Cache(Protocol):
     def trim(self, n: int) -> None:
         """Forget the last n tokens stored: the next call writes where they were."""
 
+    def expect_trim(self, n: int) -> None:
+        """From the next call on (until said again), a `trim` may take back up to the last n
+        tokens fed: keep what that needs."""
+
+    def trim_window(self) -> int:
+        """During a call of T tokens: w > 0 when the recurrent layers are to hand their states after
+        each of its last w + 1 tokens (min(n, T - 1) after `expect_trim(n)`), else 0."""
+
     def slots(self) -> SlotMap:
         """Where this call's rows read and write, for kernels that walk the storage."""
 
@@ -88,7 +103,9 @@ class Cache(Protocol):
         (B, C, K-1), the delta-rule state (B, heads, d_k, d_v) float32). Hybrid caches only."""
 
     def write_state(self, layer: int, conv: torch.Tensor, state: torch.Tensor) -> None:
-        """Replace a recurrent layer's state by the one after this call's tokens."""
+        """Replace a recurrent layer's state by the one after this call's tokens; when
+        `trim_window()` is w > 0, the states after each of its last w + 1 tokens, stacked on dim 1:
+        conv (B, w+1, C, K-1), state (B, w+1, heads, d_k, d_v), the last the state after the call."""
 
 
 class KVCache:
@@ -130,6 +147,12 @@ class KVCache:
             raise ValueError(f"cannot forget {n} of the {self.length} tokens the KV cache holds")
         self.length -= n
 
+    def expect_trim(self, n: int) -> None:
+        pass  # a slot stays as written until a later call overwrites it
+
+    def trim_window(self) -> int:
+        return 0
+
     def slots(self) -> SlotMap:
         _, B, n_kv, L, D = self.k.shape
         write_at = torch.full((B,), self.length, dtype=torch.int64)
@@ -142,9 +165,11 @@ class HybridCache:
     (B, heads, d_k, d_v) in float32 (accumulated in float32 under bf16 weights), in `conv[i]`
     and `state[i]` for the i-th recurrent layer.
 
-    A recurrent state cannot step back: `trim(n > 0)` raises `StateRollbackError` (a
-    NotImplementedError and a ConfigError: speculative rollback would need a snapshot of the
-    state per proposed token; none is kept)."""
+    Rollback: after `expect_trim(n)` the recurrent layers hand their states after each token of
+    the calls that follow (the last n + 1 of a longer call), and `history[i]` keeps the latest
+    n + 1 of them, across calls: `trim(m)` for m up to n (and the tokens fed since) puts back the
+    state after all but the last m. States are replaced, never written into, so keeping one is
+    keeping a reference. Any other `trim(m > 0)` raises `StateRollbackError`."""
 
     def __init__(self, cfg, batch: int, max_len: int, dtype: torch.dtype, device="cpu"):
         self.kv = KVCache(cfg, batch, max_len, dtype, device, layers=cfg.attention_layers)
@@ -157,6 +182,10 @@ class HybridCache:
                      for _ in self.index]
         self.state = [torch.zeros(batch, cfg.linear_num_value_heads, cfg.linear_key_head_dim,
                                   cfg.linear_value_head_dim, dtype=state_dtype, device=device) for _ in self.index]
+        self.keep = 0  # expect_trim's n
+        self.window = 0  # this call's trim_window
+        self.history = [deque(maxlen=1) for _ in self.index]  # per layer: (conv, state) after each latest token
+        self.held = 0  # tokens trim may take back now
 
     @property
     def length(self) -> int:
@@ -167,6 +196,7 @@ class HybridCache:
         return self.kv.max_len
 
     def begin(self, attention_mask, T: int):
+        self.window = min(self.keep, T - 1)
         return self.kv.begin(attention_mask, T)
 
     def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
@@ -178,15 +208,39 @@ class HybridCache:
 
     def write_state(self, layer: int, conv, state) -> None:
         i = self.index[layer]
-        self.conv[i], self.state[i] = conv, state
+        steps = [(conv[:, j], state[:, j]) for j in range(conv.shape[1])] if self.window else [(conv, state)]
+        self.conv[i], self.state[i] = steps[-1]
+        if self.keep:
+            self.history[i].extend(steps)  # a longer call's first tokens are past keeping: maxlen drops the rest
 
     def end(self, T: int) -> None:
         self.kv.end(T)
+        self.held = min(self.held + T, self.keep)
+        self.window = 0
+
+    def expect_trim(self, n: int) -> None:
+        if n < 0:
+            raise ValueError(f"cannot expect to forget {n} tokens")
+        self.held = min(self.held, n) if self.keep else 0
+        self.keep = n  # the history ends with the current state, after the tokens trim may take back
+        self.history = [deque(list(h)[-self.held - 1:] if self.held else [(c, s)], maxlen=n + 1)
+                        for h, c, s in zip(self.history, self.conv, self.state)]
+
+    def trim_window(self) -> int:
+        return self.window
 
     def trim(self, n: int) -> None:
-        if n:
-            raise StateRollbackError("a hybrid model's recurrent state cannot forget tokens (no snapshots are "
-                                     "kept), so speculative decoding does not run on it yet")
+        if not n:
+            return
+        if n > self.held:
+            raise StateRollbackError(f"a hybrid model's recurrent state cannot forget {n} tokens: states are "
+                                     f"kept for the last {self.held} (`expect_trim` says how many to keep)")
+        self.kv.trim(n)
+        for i, h in enumerate(self.history):
+            for _ in range(n):
+                h.pop()
+            self.conv[i], self.state[i] = h[-1]
+        self.held -= n
 
     def slots(self) -> SlotMap:
         raise NotImplementedError("no kernel walks a hybrid cache's storage")

@@ -12,6 +12,9 @@ and out_proj. Two forms compute the rule, equal up to rounding: `delta_rule_recu
 at a time: decode) and `delta_rule_chunked` (blocks of 64 tokens solved in parallel: prefill).
 A row's past is two tensors, the convolution's last K-1 inputs and S, which the cache keeps
 (`read_state` / `write_state`, `model/cache.py`); S is float32 whatever the model's dtype.
+When the cache says it may be asked to take back up to w of the call's tokens (`trim_window`:
+speculative decoding), the call runs its last w + 1 tokens in the recurrent form, token by token
+as decoding would, and hands the cache both states after each of them, from which `trim` restores.
 """
 
 from __future__ import annotations
@@ -27,10 +30,11 @@ def l2_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     return x * torch.rsqrt((x * x).sum(-1, keepdim=True) + eps)
 
 
-def delta_rule_recurrent(q, k, v, g, beta, state):
+def delta_rule_recurrent(q, k, v, g, beta, state, trail: list | None = None):
     """q, k (B, h, T, dk), v (B, h, T, dv), g, beta (B, h, T), state (B, h, dk, dv), all float32
     -> (outputs (B, h, T, dv), state after the last token). Three passes over S a token: decay,
-    one matmul reading S for k and q together (o = S'^T q = e^g S^T q + (q.k) delta), the update."""
+    one matmul reading S for k and q together (o = S'^T q = e^g S^T q + (q.k) delta), the update.
+    `trail`, when given, gets the state after each token appended (T tensors, none shared)."""
     outs = []
     for t in range(q.shape[2]):
         state = state * g[:, :, t, None, None].exp()  # a new tensor: the caller's state is kept
@@ -39,7 +43,23 @@ def delta_rule_recurrent(q, k, v, g, beta, state):
         delta = (v[:, :, t, None, :] - read[:, :, :1]) * beta[:, :, t, None, None]  # (B, h, 1, dv)
         outs.append(read[:, :, 1:] + (q_t * k_t).sum(-1, keepdim=True) * delta)
         state.addcmul_(k_t.transpose(-1, -2), delta)  # rank-1 update (B, h, dk, dv)
+        if trail is not None:
+            trail.append(state)
     return torch.cat(outs, dim=2), state
+
+
+def delta_rule_trail(q, k, v, g, beta, state, n: int):
+    """The rule over T tokens keeping the state after each of the last n: chunked up to them, then
+    token by token as decoding runs -> (outputs (B, h, T, dv), states (B, n, h, dk, dv))."""
+    head = q.shape[2] - n
+    outs, trail = [], []
+    if head:
+        out, state = delta_rule_chunked(q[:, :, :head], k[:, :, :head], v[:, :, :head], g[:, :, :head],
+                                        beta[:, :, :head], state)
+        outs.append(out)
+    outs.append(delta_rule_recurrent(q[:, :, head:], k[:, :, head:], v[:, :, head:], g[:, :, head:],
+                                     beta[:, :, head:], state, trail)[0])
+    return torch.cat(outs, dim=2), torch.stack(trail, dim=1)
 
 
 def delta_rule_chunked(q, k, v, g, beta, state, chunk: int = CHUNK):
@@ -100,6 +120,15 @@ def causal_conv(x: torch.Tensor, past: torch.Tensor, weight: torch.Tensor):
     return F.silu(out.to(x.dtype)), full[..., full.shape[-1] - past.shape[-1]:].clone()  # not a view of `full`
 
 
+def conv_tails(past: torch.Tensor, x: torch.Tensor, n: int) -> torch.Tensor:
+    """The convolution's last K-1 inputs after each of the last n tokens of x (B, C, T) that
+    followed `past` (B, C, K-1): after t tokens they are the last K-1 of [past | x[..., :t]].
+    -> (B, n, C, K-1), the last entry the tail after all of x."""
+    full = torch.cat([past.to(x.dtype), x], dim=-1)  # (B, C, K-1+T)
+    K1, T = past.shape[-1], x.shape[-1]
+    return full.unfold(-1, K1, 1)[:, :, T + 1 - n:].transpose(1, 2).clone()  # (B, n, C, K-1)
+
+
 class GatedRMSNorm(nn.Module):
     """RMSNorm of each head's output times SiLU(gate), the gate in float32."""
 
@@ -146,6 +175,8 @@ class GatedDeltaNet(nn.Module):
             past, state = qkv.new_zeros(B, self.conv_dim, self.conv1d.kernel_size[0] - 1), None
         else:
             past, state = cache.read_state(self.layer_idx)
+        window = 0 if cache is None else cache.trim_window()
+        tails = conv_tails(past, qkv.transpose(1, 2), window + 1) if window else None
         qkv, past = causal_conv(qkv.transpose(1, 2), past, self.conv1d.weight)  # (B, C, T)
         q, k, v = qkv.transpose(1, 2).split((self.nk * self.dk, self.nk * self.dk, self.nv * self.dv), dim=-1)
         acc = torch.promote_types(x.dtype, torch.float32)  # the rule runs in float32 at least
@@ -156,10 +187,14 @@ class GatedDeltaNet(nn.Module):
         g = (-self.A_log.to(acc).exp() * F.softplus(a.to(acc) + self.dt_bias)).transpose(1, 2)
         if state is None:
             state = q.new_zeros(B, self.nv, self.dk, self.dv)
-        rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
-        out, state = rule(q, k, v, g, beta, state)  # (B, nv, T, dv)
-        if cache is not None:
-            cache.write_state(self.layer_idx, past, state)
+        if window:  # the cache may be asked to take back tokens: the state after each of the last ones
+            out, states = delta_rule_trail(q, k, v, g, beta, state, window + 1)  # (B, nv, T, dv)
+            cache.write_state(self.layer_idx, tails, states)
+        else:
+            rule = delta_rule_recurrent if T == 1 else delta_rule_chunked
+            out, state = rule(q, k, v, g, beta, state)  # (B, nv, T, dv)
+            if cache is not None:
+                cache.write_state(self.layer_idx, past, state)
         out = self.norm(out.transpose(1, 2).to(x.dtype), z.reshape(B, T, self.nv, self.dv))
         return self.out_proj(out.reshape(B, T, -1))  # (B, T, H)
 

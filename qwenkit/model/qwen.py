@@ -75,6 +75,8 @@ class QwenForCausalLM(nn.Module):
         self.eos_token_ids: list[int] = list(cfg.eos_token_id)
         self.windows = [cfg.window_of(i) for i in range(cfg.num_hidden_layers)]
         self.linear = [cfg.is_linear_layer(i) for i in range(cfg.num_hidden_layers)]
+        self.mtp_weights: dict[str, torch.Tensor] = {}  # a checkpoint's multi-token-prediction head, as stored
+        self.source: str | None = None  # the checkpoint loaded (`load_model` sets both)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -88,11 +90,14 @@ class QwenForCausalLM(nn.Module):
         kind = HybridCache if self.config.is_hybrid else KVCache
         return kind(self.config, batch, max_len, self.dtype, self.device)
 
-    def forward(self, input_ids, attention_mask=None, *, cache=None, logits_to_keep: int = 0) -> torch.Tensor:
-        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V)."""
+    def forward(self, input_ids, attention_mask=None, *, cache=None, logits_to_keep: int = 0,
+                return_hidden: bool = False):
+        """input_ids (B, T); attention_mask (B, S) over cached + new tokens; returns (B, T or keep, V),
+        or with return_hidden (logits, the final norm's output (B, T, H) at every position): what
+        an MTP head reads."""
         x, cos, sin, masks = self.begin(input_ids, attention_mask, cache)
         x = self.run_layers(x, cos, sin, masks, cache)
-        return self.finish(x, cache, input_ids.shape[1], logits_to_keep)
+        return self.finish(x, cache, input_ids.shape[1], logits_to_keep, return_hidden)
 
     def begin(self, input_ids, attention_mask=None, cache=None):
         """(x (B, T, H), cos, sin (B|1, T, 1, D), one mask per layer) for a call's tokens."""
@@ -111,10 +116,14 @@ class QwenForCausalLM(nn.Module):
             x = layer(x, cos, sin, mask, cache)
         return x
 
-    def finish(self, x, cache, T: int, logits_to_keep: int = 0) -> torch.Tensor:
-        """Logits (B, T or keep, V) in float32 from the last hidden states; closes the cache's call."""
+    def finish(self, x, cache, T: int, logits_to_keep: int = 0, return_hidden: bool = False):
+        """Logits (B, T or keep, V) in float32 from the last hidden states (and with return_hidden
+        the normed states (B, T, H) too); closes the cache's call."""
         if cache is not None:
             cache.end(T)
+        if return_hidden:
+            h = self.model.norm(x)  # (B, T, H)
+            return self.lm_head(h[:, -logits_to_keep:] if logits_to_keep else h).float(), h
         if logits_to_keep:
             x = x[:, -logits_to_keep:]
         return self.lm_head(self.model.norm(x)).float()  # (B, T, V)

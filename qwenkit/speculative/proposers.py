@@ -1,4 +1,5 @@
-"""Proposers: a few guessed next tokens for a sequence, from the text so far or a draft model.
+"""Proposers: a few guessed next tokens for a sequence, from the text so far, a draft model or the
+target's own MTP head (`mtp.py`).
 
 A proposer keeps whatever state it needs between calls (an n-gram index, a draft model's KV
 cache) and reads the sequence's tokens each call, so rejected guesses need no notice: the next
@@ -16,6 +17,7 @@ import torch
 from ..engine.sampler import apply_penalties, candidates
 from ..engine.sequence import TokenSequence
 from ..errors import RequestError
+from ..model.cache import StateRollbackError
 
 
 @dataclass
@@ -25,8 +27,14 @@ class Proposal:
 
 
 class Proposer(Protocol):
-    def propose(self, seq: TokenSequence, k: int, generator: torch.Generator | None) -> Proposal:
-        """At most k guessed tokens to follow seq.token_ids (fewer, or none, when it has no guess)."""
+    needs_hidden: bool  # whether propose reads the target's hidden states (an MTP head does)
+
+    def propose(self, seq: TokenSequence, k: int, generator: torch.Generator | None,
+                hidden: torch.Tensor | None = None) -> Proposal:
+        """At most k guessed tokens to follow seq.token_ids (fewer, or none, when it has no guess).
+        `hidden` (n, H), for a proposer that needs it: the target's final hidden states at the n
+        positions just before the sequence's last token that the target computed since the
+        previous call (at the first call, all the prompt's), else None."""
 
 
 class NgramProposer:
@@ -34,12 +42,14 @@ class NgramProposer:
     max_n down to min_n) occur, and propose what followed there. Costs no model call; pays off
     where the output repeats its input (code edits, quoting, extraction)."""
 
+    needs_hidden = False
+
     def __init__(self, max_n: int = 4, min_n: int = 2):
         self.max_n, self.min_n = max_n, min_n
         self.where: dict[int, list[int]] = {}  # token -> positions it was seen at, ascending
         self.seen: list[int] = []  # the tokens indexed
 
-    def propose(self, seq: TokenSequence, k: int, generator=None) -> Proposal:
+    def propose(self, seq: TokenSequence, k: int, generator=None, hidden=None) -> Proposal:
         tokens = seq.token_ids
         self._index(tokens)
         last = len(tokens) - 1
@@ -61,9 +71,12 @@ class NgramProposer:
 class DraftProposer:
     """A smaller model of the same tokenizer guesses k tokens, one decode step each, greedy or
     sampled under the request's own settings; its cache keeps what it has read and is trimmed back
-    to the tokens the target kept. Its vocabulary may be padded to another size than the
-    target's (151,936 vs 152,064 rows): ids the tokenizer knows are the same in both, and its
-    distributions are cut or zero-padded to the target's width."""
+    to the tokens the target kept (a hybrid draft's cache keeps its recurrent states for the
+    guesses, `expect_trim`, and starts over when a sequence departs further back). Its vocabulary
+    may be padded to another size than the target's (151,936 vs 152,064 rows): ids the tokenizer
+    knows are the same in both, and its distributions are cut or zero-padded to the target's width."""
+
+    needs_hidden = False
 
     def __init__(self, draft, target_vocab: int):
         from ..backends import decode_step
@@ -73,37 +86,37 @@ class DraftProposer:
         self.cache = None
         self.cached: list[int] = []  # the tokens whose K/V the draft cache holds
 
-    def propose(self, seq: TokenSequence, k: int, generator=None) -> Proposal:
+    def propose(self, seq: TokenSequence, k: int, generator=None, hidden=None) -> Proposal:
         if k < 1:
             return Proposal([])
         logits = self._catch_up(seq.token_ids, k)
-        guess = TokenSequence(seq.token_ids[:seq.num_prompt_tokens], seq.params)
-        guess.token_ids = list(seq.token_ids)
-        tokens, probs = [], []
-        for i in range(k):
-            token, q = self._pick(logits, guess, generator)
-            tokens.append(token)
-            probs.append(q)
-            guess.token_ids.append(token)
-            if i + 1 < k:
-                logits = self._feed([token])
-        return Proposal(tokens, None if seq.params.greedy else torch.stack(probs))
+        return chain(logits, seq, k, generator, self.target_vocab, lambda token: self._feed([token]))
 
     def _catch_up(self, tokens: list[int], k: int) -> torch.Tensor:
         """Logits (V,) after `tokens`: trim the cache to the prefix it shares with them (at least
         one token left to feed), then feed the rest."""
-        if self.cache is None:
-            self.cache = self.draft.new_cache(1, self.draft.config.context_length)
         same = 0
         for a, b in zip(self.cached, tokens[:-1]):
             if a != b:
                 break
             same += 1
-        self.cache.trim(len(self.cached) - same)
+        same = self._rewind(same)
         self.cached = self.cached[:same]
+        self.cache.expect_trim(k)  # the guesses fed below are taken back at the next call
         if len(tokens) + k > self.cache.max_len:
             raise RequestError(f"the draft model's context of {self.cache.max_len} tokens is too short")
         return self._feed(tokens[same:])
+
+    def _rewind(self, same: int) -> int:
+        """Trim the cache to its first `same` tokens; returns how many it keeps (0: a new cache)."""
+        if self.cache is not None:
+            try:
+                self.cache.trim(len(self.cached) - same)
+                return same
+            except StateRollbackError:  # a recurrent draft keeps states for its last few tokens only
+                pass
+        self.cache = self.draft.new_cache(1, self.draft.config.context_length)
+        return 0
 
     def _feed(self, tokens: list[int]) -> torch.Tensor:
         # A token past the draft's rows (the target's padding, drawn by chance) reads as id 0: the
@@ -114,26 +127,48 @@ class DraftProposer:
         self.cached.extend(tokens)
         return run(ids, cache=self.cache, logits_to_keep=1)[0, -1].float().cpu()  # (V,)
 
-    def _pick(self, logits, seq: TokenSequence, generator) -> tuple[int, torch.Tensor | None]:
-        logits = logits[:self.target_vocab].clone()  # rows past the target's are padding: never proposed
-        apply_penalties(logits, seq)
-        if seq.params.greedy:
-            return int(logits.argmax()), None
-        probs, order = candidates(logits[None], [seq.params])
-        q = torch.zeros(self.target_vocab).scatter_(0, order[0], probs[0] / probs[0].sum())  # (V_target,)
-        return int(torch.multinomial(q, 1, generator=generator)), q
+
+def chain(logits: torch.Tensor, seq: TokenSequence, k: int, generator, vocab: int, advance) -> Proposal:
+    """k guesses, each drawn from `logits` (V,) greedy or under the request's own settings
+    (penalties over the sequence with the guesses so far), then `advance(token)` -> the next logits."""
+    guess = TokenSequence(seq.token_ids[:seq.num_prompt_tokens], seq.params)
+    guess.token_ids = list(seq.token_ids)
+    tokens, probs = [], []
+    for i in range(k):
+        token, q = _pick(logits, guess, generator, vocab)
+        tokens.append(token)
+        probs.append(q)
+        guess.token_ids.append(token)
+        if i + 1 < k:
+            logits = advance(token)
+    return Proposal(tokens, None if seq.params.greedy else torch.stack(probs))
+
+
+def _pick(logits, seq: TokenSequence, generator, vocab: int) -> tuple[int, torch.Tensor | None]:
+    logits = logits[:vocab].clone()  # rows past the target's are padding: never proposed
+    apply_penalties(logits, seq)
+    if seq.params.greedy:
+        return int(logits.argmax()), None
+    probs, order = candidates(logits[None], [seq.params])
+    q = torch.zeros(vocab).scatter_(0, order[0], probs[0] / probs[0].sum())  # (V_target,)
+    return int(torch.multinomial(q, 1, generator=generator)), q
 
 
 def proposer_for(spec, model) -> Proposer:
     """The proposer `speculative=` names: "ngram", "draft:PATH" (a checkpoint whose tokenizer
-    agrees with the target's), or a Proposer as is."""
+    agrees with the target's), "mtp" (the model's own multi-token-prediction head), or a Proposer
+    as is."""
     if not isinstance(spec, str):
         return spec
     if spec == "ngram":
         return NgramProposer()
     if spec.startswith("draft:") and len(spec) > len("draft:"):
         return _draft_proposer(spec.removeprefix("draft:"), model)
-    raise RequestError(f"speculative={spec!r}: expected 'ngram' or 'draft:PATH'")
+    if spec == "mtp":
+        from .mtp import MTPProposer
+
+        return MTPProposer(model)
+    raise RequestError(f"speculative={spec!r}: expected 'ngram', 'draft:PATH' or 'mtp'")
 
 
 def _draft_proposer(path: str, model) -> DraftProposer:
