@@ -90,9 +90,12 @@ class Engine:
             if self.guidance is None:
                 raise RequestError("structured outputs and thinking budgets need an engine with a tokenizer")
             self.guidance.check(params)  # compiles the grammar (cached): a 400 naming what is wrong
+        if params.speculative is not None and self.model.config.is_hybrid:
+            raise RequestError(f"speculative: not served for a hybrid model ({self.model.config.model_type}): the engine "
+                               "verifies guesses as one-token decode rows of a batch, and a recurrent state cannot run "
+                               "several positions of one sequence as separate rows (`generate` speculates on hybrids)")
         if params.speculative is not None and not self._can_speculate():
-            raise RequestError("speculative: not served with tensor parallelism, in deterministic mode or for "
-                               "a hybrid model (its recurrent state cannot be rolled back yet)")
+            raise RequestError("speculative: not served with tensor parallelism or in deterministic mode")
 
     def adapter(self, name: str) -> Adapter:
         """The loaded LoRA adapter called `name` (RequestError naming it when there is none)."""
