@@ -165,7 +165,7 @@ def proposer_for(spec, model) -> Proposer:
     if spec.startswith("draft:") and len(spec) > len("draft:"):
         return _draft_proposer(spec.removeprefix("draft:"), model)
     if spec == "mtp":
-        from .mtp import MTPProposer
+        from .mtp import MTPProposer  # mtp.py imports this module
 
         return MTPProposer(model)
     raise RequestError(f"speculative={spec!r}: expected 'ngram', 'draft:PATH' or 'mtp'")
