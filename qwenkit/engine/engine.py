@@ -142,7 +142,7 @@ class Engine:
         return params.replace(speculative=default)
 
     def _can_speculate(self) -> bool:
-        return self.runner.broadcast is None and not self.settings.deterministic and not self.model.config.is_hybrid
+        return self.runner.broadcast is None and not self.settings.deterministic
 
     def _release_followers(self, leader: Sequence) -> None:
         """Schedule the requests that waited for leader's prompt, once it is computed (or leader ended)."""

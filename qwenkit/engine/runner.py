@@ -27,7 +27,10 @@ Speculative decoding (engine/speculation.py): a decode chunk with a draft runs a
 rows of the decode call, its last token and each guess at its own position through the same
 block table (each row sees the K/V the rows before it write in the same call); its result is
 the list of Samples `speculative.verify.accept` keeps. On the fused C step those rows are what
-the one-token step computes, exactly as any batched decode row is.
+the one-token step computes, exactly as any batched decode row is. On a hybrid model a drafted
+chunk is one row of 1 + k tokens instead (`verify_rows`, in calls of chunks with as many
+guesses): its DeltaNet layers hand their states after each token and the row's slot keeps the
+one after the tokens kept (`PagedStateCache.trim_rows`).
 """
 
 from __future__ import annotations
@@ -102,6 +105,10 @@ class ModelRunner:
             self.broadcast([[chunks[i] for i in group] for group in groups])
         for group in groups:
             calls = [chunks[i] for i in group]
+            if self.hybrid and calls[0].draft:
+                for i, kept in zip(group, self.verify_rows(calls)):
+                    results[i] = kept
+                continue
             logits = self.forward([row for c in calls for row in rows_of(c)])  # (R, V)
             first = [0]
             for c in calls:
@@ -125,6 +132,22 @@ class ModelRunner:
         new = accept(logits, Proposal(list(chunk.draft)), seq, self.sampler, stops, params.max_tokens)
         del seq.token_ids[len(seq) - len(new):]  # accept appends them; the scheduler keeps them
         return [self.sampler.describe(logits[i].float().cpu(), t, params) for i, t in enumerate(new)]
+
+    def verify_rows(self, chunks: list[Chunk]) -> list[list[Sample]]:
+        """A hybrid model's drafted chunks, all with k guesses: each runs as one row of its last
+        token and the guesses (a recurrent state cannot be read at several positions in one call),
+        the DeltaNet layers hand the states after each token, and each row's slot keeps the state
+        after the tokens it kept."""
+        k = len(chunks[0].draft)
+        rows = [DraftRow(c.seq, c.start, c.tokens + list(c.draft), 1 + k) for c in chunks]
+        self.cache.expect_trim(k)
+        try:
+            logits = self.model(self.prepare(rows), cache=self.cache, logits_to_keep=k + 1)  # (B, 1 + k, V)
+        finally:
+            self.cache.expect_trim(0)
+        kept = [self.verify(logits[b], c) for b, c in enumerate(chunks)]
+        self.cache.trim_rows([k + 1 - len(samples) for samples in kept])
+        return kept
 
     def groups(self, chunks: list[Chunk]) -> list[list[int]]:
         """Chunk indices per model call: decode rows together, then prefill chunks together (in
@@ -184,17 +207,19 @@ class ModelRunner:
 def unpadded(chunks: list[Chunk], indices: list[int]) -> list[list[int]]:
     """`indices` (of `chunks`, in order) split into calls where no row that carries a recurrent
     state is left-padded: the longest chunks with every chunk that starts its sequence, then the
-    others by length."""
+    others by length; drafted chunks (verify rows of 1 + k tokens) by their number of guesses."""
     T = max(c.num_tokens for c in chunks)
-    calls: dict[int, list[int]] = {T: []}
+    calls: dict = {T: []}
     for c, i in zip(chunks, indices):
-        calls.setdefault(T if c.start == 0 else c.num_tokens, []).append(i)
+        key = ("draft", len(c.draft)) if c.draft else T if c.start == 0 else c.num_tokens
+        calls.setdefault(key, []).append(i)
     return [group for group in calls.values() if group]
 
 
 @dataclass
 class DraftRow:
-    """One guessed token of a chunk's draft, run as a one-token row at its own position."""
+    """Tokens of a drafted chunk run as a row from `start`: one guessed token at its own position,
+    or (hybrid models) the chunk's last token and all its guesses."""
     seq: Sequence
     start: int
     tokens: list[int]

@@ -9,6 +9,11 @@ states aside and `end` scatters them back: a call that fails midway leaves every
 so the engine may rerun its chunks one by one. Rows that start their sequence (position 0) get
 their slot zeroed first: a slot comes back from its last owner as it was left.
 
+Speculative decoding: before a verify call the runner says how many of each row's tokens it may
+take back (`expect_trim`); the DeltaNet layers then hand the states after each of the call's last
+w + 1 tokens, `end` holds them, and `trim_rows` puts in each row's slot the state after the
+tokens that row kept.
+
 The prefix cache's snapshots are slots too, past the running sequences' (`StateBlockManager`
 decides which; `copy_slots` copies a sequence's slot to a snapshot and back).
 """
@@ -53,6 +58,9 @@ class PagedStateCache:
         self.state = torch.zeros(len(linear), num_slots, *state, dtype=state_dtype(dtype), device=device)
         self.rows: torch.Tensor | None = None  # (B,) the call's slots
         self.pending: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.keep = 0  # expect_trim's n
+        self.window = 0  # the current (or just ended) call's trim window
+        self.trail: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # a windowed call's states, held
 
     @property
     def nbytes(self) -> int:
@@ -84,6 +92,7 @@ class PagedStateCache:
             self.state[:, dst] = self.state[:, src]
 
     def begin(self, attention_mask, T: int):
+        self.window = min(self.keep, T - 1)
         return self.kv.begin(attention_mask, T)
 
     def attend(self, layer: int, q, k, v, mask, sdpa) -> torch.Tensor:
@@ -97,21 +106,38 @@ class PagedStateCache:
         self.pending[self.state_index[layer]] = (conv, state)
 
     def end(self, T: int) -> None:
-        for i, (conv, state) in self.pending.items():
+        """Scatter the call's new states into its rows' slots; after a call with a trim window, hold
+        them (the states after each of its last w + 1 tokens) until `trim_rows` says which to keep."""
+        if self.window:
+            self.trail, self.pending = self.pending, {}
+            return
+        self._scatter(self.pending)
+
+    def trim_rows(self, ns: list[int]) -> None:
+        """After a call with a trim window w: row b forgets its last ns[b] <= w tokens (a verify
+        call's rejected guesses), so its slot gets the state after all but them."""
+        w = self.window
+        pick = torch.tensor([w - n for n in ns], dtype=torch.long, device=self.conv.device)  # (B,)
+        rows = torch.arange(len(ns), device=self.conv.device)
+        self._scatter({i: (conv[rows, pick], state[rows, pick]) for i, (conv, state) in self.trail.items()})
+        self.trail, self.window = {}, 0
+
+    def _scatter(self, states: dict) -> None:
+        for i, (conv, state) in states.items():
             self.conv[i].index_copy_(0, self.rows, conv.to(self.conv.dtype))
             self.state[i].index_copy_(0, self.rows, state.to(self.state.dtype))
         self.pending = {}
 
     def trim(self, n: int) -> None:
         if n:
-            raise StateRollbackError("a hybrid model's recurrent state cannot forget tokens (no snapshots are kept)")
+            raise StateRollbackError("the engine's state slots forget tokens per row (`trim_rows`)")
 
     def expect_trim(self, n: int) -> None:
-        if n:
-            raise StateRollbackError("the engine keeps no per-token recurrent states to take tokens back to")
+        """From the next call on, `trim_rows` may take back up to each row's last n tokens."""
+        self.keep = n
 
     def trim_window(self) -> int:
-        return 0
+        return self.window
 
     def slots(self):
         raise NotImplementedError("no kernel walks a hybrid cache's storage")
