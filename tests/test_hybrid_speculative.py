@@ -2,7 +2,7 @@
 delta-rule states and K/V after `trim` equal those of feeding fewer tokens), greedy output is plain
 decoding's with every proposer (prompt lookup, a hybrid draft, the MTP head) on Qwen3-Next and
 Qwen3.5 dense and MoE, the MTP head computes the published formula on transformers' own modules,
-and what cannot speculate says so in one line."""
+and what cannot speculate says so in one line (the engine: tests/test_hybrid_spec_engine.py)."""
 
 from __future__ import annotations
 
@@ -176,13 +176,3 @@ def test_cli_mtp_output_equals_plain_and_no_head_is_one_line(ckpts):
     bad = _cli("chat", "--model", str(ckpts["plain"]), "--message", "hi", "--speculative", "mtp")
     assert bad.returncode != 0 and "Traceback" not in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
     assert str(ckpts["plain"]) in bad.stderr and "multi-token-prediction" in bad.stderr
-
-
-def test_engine_refuses_speculation_on_a_hybrid_saying_why(ckpts):
-    from qwenkit.engine import Engine, EngineSettings
-    from qwenkit.engine.sampling_params import SpeculativeParams
-
-    engine = Engine(qwenkit.load_model(ckpts["qwen3_5_text"], dtype=torch.float32), EngineSettings())
-    params = SamplingParams(max_tokens=4, speculative=SpeculativeParams(num_speculative_tokens=2))
-    with pytest.raises(RequestError, match="one-token decode rows.*recurrent state"):
-        engine.validate([1, 2, 3], params)

@@ -47,7 +47,7 @@ class Engine:
         else:
             self.blocks = BlockManager(num_blocks, settings.block_size,
                                        settings.enable_prefix_caching and not settings.deterministic)
-        self.speculation = Speculation(self.max_model_len)
+        self.speculation = Speculation(self.max_model_len, model)
         self.scheduler = Scheduler(self.blocks, settings.max_num_seqs, settings.max_prefill_tokens,
                                    model.eos_token_ids, self.max_model_len, settings.deterministic,
                                    propose=self.speculation.propose, max_rows=MAX_ROWS, align=align)
@@ -59,6 +59,11 @@ class Engine:
         self.runner = ModelRunner(model, num_blocks, settings.block_size, sampler, adapters=self.adapters,
                                   deterministic=settings.deterministic,
                                   num_state_slots=state_slots(model, settings))
+        if settings.speculative is not None and settings.speculative.method == "mtp":
+            try:
+                self.speculation.mtp_head()
+            except RequestError as e:
+                raise ConfigError(f"--speculative mtp: {e}") from None
         self.requests: dict[str, tuple[Sequence, IncrementalText | None]] = {}
         self.followers: dict[str, list[Sequence]] = {}  # request id -> requests waiting for its prompt's K/V
         self.stats = EngineStats(self.max_model_len)
@@ -90,12 +95,10 @@ class Engine:
             if self.guidance is None:
                 raise RequestError("structured outputs and thinking budgets need an engine with a tokenizer")
             self.guidance.check(params)  # compiles the grammar (cached): a 400 naming what is wrong
-        if params.speculative is not None and self.model.config.is_hybrid:
-            raise RequestError(f"speculative: not served for a hybrid model ({self.model.config.model_type}): the engine "
-                               "verifies guesses as one-token decode rows of a batch, and a recurrent state cannot run "
-                               "several positions of one sequence as separate rows (`generate` speculates on hybrids)")
         if params.speculative is not None and not self._can_speculate():
             raise RequestError("speculative: not served with tensor parallelism or in deterministic mode")
+        if params.speculative is not None and params.speculative.method == "mtp":
+            self.speculation.mtp_head()  # RequestError naming the checkpoint when it has no MTP head
 
     def adapter(self, name: str) -> Adapter:
         """The loaded LoRA adapter called `name` (RequestError naming it when there is none)."""
@@ -115,6 +118,8 @@ class Engine:
         self.validate(prompt_ids, params)
         seq = Sequence(prompt_ids, params, request_id, arrival_time)
         seq.adapter = adapter
+        if params.speculative is not None and params.speculative.method == "mtp":
+            seq.hidden = []  # the runner keeps the target's hidden states for its MTP proposer
         if seq.adapter is not None and params.speculative is not None:
             raise RequestError("speculative: not served with a LoRA adapter")
         if seq.request_id in self.requests:

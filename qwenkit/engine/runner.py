@@ -142,11 +142,13 @@ class ModelRunner:
         rows = [DraftRow(c.seq, c.start, c.tokens + list(c.draft), 1 + k) for c in chunks]
         self.cache.expect_trim(k)
         try:
-            logits = self.model(self.prepare(rows), cache=self.cache, logits_to_keep=k + 1)  # (B, 1 + k, V)
+            logits, hidden = self.model(self.prepare(rows), cache=self.cache, logits_to_keep=k + 1,
+                                        return_hidden=True)  # (B, 1 + k, V), (B, 1 + k, H)
         finally:
             self.cache.expect_trim(0)
         kept = [self.verify(logits[b], c) for b, c in enumerate(chunks)]
         self.cache.trim_rows([k + 1 - len(samples) for samples in kept])
+        keep_hidden(rows, [hidden[b, :len(samples)] for b, samples in enumerate(kept)])
         return kept
 
     def groups(self, chunks: list[Chunk]) -> list[list[int]]:
@@ -168,6 +170,11 @@ class ModelRunner:
         if self._static_fits(chunks):
             return self.static([c.tokens[0] for c in chunks], [c.start for c in chunks], [c.block_table for c in chunks])
         input_ids = self.prepare(chunks)
+        if any(c.seq.hidden is not None for c in chunks):  # an MTP proposer reads the final hidden states
+            logits, hidden = self.model(input_ids, cache=self.cache, logits_to_keep=1, return_hidden=True)
+            T = input_ids.shape[1]
+            keep_hidden(chunks, [hidden[b, T - c.num_tokens:] for b, c in enumerate(chunks)])
+            return logits[:, -1]
         per_row = [c.seq.adapter for c in chunks]
         if any(a is not None for a in per_row):
             with self.adapters.rows(per_row):
@@ -214,6 +221,14 @@ def unpadded(chunks: list[Chunk], indices: list[int]) -> list[list[int]]:
         key = ("draft", len(c.draft)) if c.draft else T if c.start == 0 else c.num_tokens
         calls.setdefault(key, []).append(i)
     return [group for group in calls.values() if group]
+
+
+def keep_hidden(rows, hidden: list[torch.Tensor]) -> None:
+    """Give each row's sequence that keeps them (`Sequence.hidden`) the final hidden states (n, H)
+    of the n positions it now has computed from the row's start."""
+    for row, h in zip(rows, hidden):
+        if row.seq.hidden is not None:
+            row.seq.hidden.append((row.start, h.clone()))
 
 
 @dataclass

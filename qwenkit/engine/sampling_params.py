@@ -76,14 +76,16 @@ class SamplingParams:
 class SpeculativeParams:
     """Speculative decoding for one request, named as vLLM's `speculative_config`: `method` "ngram"
     (prompt lookup: the continuation of the latest earlier occurrence of the last n tokens, n from
-    prompt_lookup_max down to prompt_lookup_min), up to `num_speculative_tokens` guesses a step."""
+    prompt_lookup_max down to prompt_lookup_min) or "mtp" (the model's own multi-token-prediction
+    head: Qwen3-Next, Qwen3.5), up to `num_speculative_tokens` guesses a step."""
     method: str = "ngram"
     num_speculative_tokens: int = 4
     prompt_lookup_max: int = 4
     prompt_lookup_min: int = 2
 
     def __post_init__(self):
-        rules = [(self.method == "ngram", f"speculative.method: {self.method!r} is not served; expected 'ngram'"),
+        rules = [(self.method in ("ngram", "mtp"),
+                  f"speculative.method: {self.method!r} is not served; expected 'ngram' or 'mtp'"),
                  (_is_int(self.num_speculative_tokens) and 1 <= self.num_speculative_tokens <= MAX_SPECULATIVE_TOKENS,
                   f"speculative.num_speculative_tokens must be an integer in [1, {MAX_SPECULATIVE_TOKENS}]"),
                  (_is_int(self.prompt_lookup_min) and self.prompt_lookup_min >= 1,

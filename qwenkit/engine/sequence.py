@@ -63,6 +63,9 @@ class Sequence(TokenSequence):
         self.last_token_time: float | None = None
         self.adapter = None  # the LoRA adapter (model.multi_lora.Adapter) its rows use; None: the base model
         self.state_slot: int | None = None  # a hybrid model's recurrent-state slot while it runs
+        # (first position, the target's final hidden states (n, H) from there): what the runner
+        # computed since an MTP proposer last read them; None: not kept (no MTP speculation)
+        self.hidden: list[tuple[int, object]] | None = None
 
     @property
     def cache_salt(self) -> int | None:

@@ -1,5 +1,8 @@
 """Speculative decoding in the engine: each request that asks for it (`SamplingParams.speculative`)
-gets its own prompt-lookup proposer; the scheduler asks here for a decoding sequence's guesses.
+gets its own proposer, prompt lookup or the model's MTP head (one head, loaded once, each request
+with its own K/V cache of it); the scheduler asks here for a decoding sequence's guesses. An MTP
+head reads the target's final hidden states, which the runner keeps on the sequence
+(`Sequence.hidden`) for requests that use one.
 
 A step then runs the sequence's last token and its k guesses as k + 1 one-token rows of the
 decode call, beside the other requests' rows (runner.py): row i reads the paged cache through the
@@ -15,14 +18,27 @@ could not keep.
 
 from __future__ import annotations
 
-from ..speculative.proposers import NgramProposer
-from .sequence import Sequence
+import torch
+
+from ..speculative.proposers import NgramProposer, Proposer
+from .sequence import Sequence, TokenSequence
 
 
 class Speculation:
-    def __init__(self, max_model_len: int):
+    def __init__(self, max_model_len: int, model=None):
         self.max_model_len = max_model_len
-        self.proposers: dict[int, NgramProposer] = {}  # seq_id -> its prompt-lookup index
+        self.model = model  # the target, whose MTP head "mtp" requests guess with
+        self.proposers: dict[int, Proposer] = {}  # seq_id -> its proposer
+        self._head = None
+
+    def mtp_head(self):
+        """The model's MTP head, loaded at the first request for it (RequestError naming the
+        checkpoint when it has none)."""
+        if self._head is None:
+            from ..speculative.mtp import load_head
+
+            self._head = load_head(self.model)
+        return self._head
 
     def propose(self, seq: Sequence, most: int) -> list[int]:
         """Up to `most` guessed tokens after seq's (none when it did not ask for speculation)."""
@@ -35,9 +51,39 @@ class Speculation:
             return []
         proposer = self.proposers.get(seq.seq_id)
         if proposer is None:
-            proposer = self.proposers[seq.seq_id] = NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
-        return proposer.propose(seq, k).tokens
+            proposer = self.proposers[seq.seq_id] = self._new_proposer(spec)
+        if not proposer.needs_hidden:
+            return proposer.propose(seq, k).tokens
+        hidden = take_hidden(seq)
+        if hidden is None:
+            return []
+        # Greedy guesses whatever the request's temperature: verification keeps the target's own
+        # distribution for any guess made without its randomness, and a seed then fixes the tokens.
+        view = TokenSequence(seq.token_ids[:seq.num_prompt_tokens], seq.params.replace(temperature=0.0))
+        view.token_ids = seq.token_ids
+        return proposer.propose(view, k, None, hidden).tokens
+
+    def _new_proposer(self, spec) -> Proposer:
+        if spec.method == "mtp":
+            from ..speculative.mtp import MTPProposer
+
+            return MTPProposer(self.model, self.mtp_head())
+        return NgramProposer(spec.prompt_lookup_max, spec.prompt_lookup_min)
 
     def release(self, seq: Sequence) -> None:
         self.proposers.pop(seq.seq_id, None)
+
+
+def take_hidden(seq: Sequence) -> torch.Tensor | None:
+    """The hidden states (n, H) the runner kept for seq since the last call: the contiguous run of
+    positions that ends before its last token (a preempted sequence's older ones are dropped);
+    None when there is no such run."""
+    parts, seq.hidden = seq.hidden, []
+    run, end = [], len(seq) - 1
+    for start, h in reversed(parts):
+        if start + h.shape[0] != end:
+            break
+        run.append(h)
+        end = start
+    return torch.cat(run[::-1]) if run else None
 

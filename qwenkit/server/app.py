@@ -253,8 +253,9 @@ def parser(prog: str):
     p.add_argument("--no-ui", action="store_true", help="no chat page at / (the API only)")
     p.add_argument("--reasoning-budget", type=int, default=None,
                    help="thinking_budget (reasoning tokens) of requests that set none (default: no limit)")
-    p.add_argument("--speculative", choices=["ngram"], default=None,
-                   help="speculative decoding (prompt lookup) for requests that ask for none (default: off)")
+    p.add_argument("--speculative", choices=["ngram", "mtp"], default=None,
+                   help="speculative decoding (prompt lookup, or the model's MTP head) for requests that ask for "
+                        "none (default: off)")
     p.add_argument("--num-speculative-tokens", type=int, default=4, help="guesses a step with --speculative (default 4)")
     p.add_argument("--max-queued-requests", type=int, default=None,
                    help="requests that may wait for a place in the batch; more get 429 (default: no bound)")

@@ -31,6 +31,7 @@ from torch import nn
 from ..errors import RequestError
 from ..model.cache import KVCache
 from ..model.layers import make_norm
+from ..model.masks import slot_masks
 from ..model.qwen import DecoderLayer
 from ..model.weight_map import load_tensors
 from .proposers import Proposal, chain
@@ -83,17 +84,19 @@ class MTPProposer:
 
     needs_hidden = True
 
-    def __init__(self, model):
-        self.model, self.head = model, load_head(model)
+    def __init__(self, model, head: MTPHead | None = None):
+        """`head`: the model's head when already loaded (the engine shares one among requests)."""
+        self.model, self.head = model, head if head is not None else load_head(model)
         self.cache: KVCache | None = None
         self.last: torch.Tensor | None = None
+        self.seen_from = 0  # positions before it never reached the head (a prefix-cache hit): masked out
 
     @torch.inference_mode()
     def propose(self, seq, k: int, generator=None, hidden=None) -> Proposal:
         tokens = seq.token_ids
         start = len(tokens) - 1 - hidden.shape[0]  # the position of hidden[0]
-        if start == 0 or self.cache is None:  # a new sequence: its prompt's states from position 0
-            self.cache = KVCache(self.head.config, 1, len(tokens) + GROW, self.model.dtype, self.model.device)
+        if start == 0 or self.cache is None:  # a new sequence: its prompt's states from position `start`
+            self._start_at(start, len(tokens) + GROW)
         if start > self.cache.length:
             raise ValueError(f"the MTP head holds {self.cache.length} positions; states from {start} came")
         self.cache.trim(self.cache.length - start)  # the last call's chained guesses
@@ -102,6 +105,14 @@ class MTPProposer:
             return Proposal([])
         self.last = y[:, -1:]  # (1, 1, H): the head's output the next guess reads
         return chain(self._logits(self.last), seq, k, generator, self.model.config.vocab_size, self._advance)
+
+    def _start_at(self, start: int, size: int) -> None:
+        """A new cache whose first `start` positions the target computed before (an engine's prefix
+        hit) but never showed the head: zeros, masked out, so its guesses read what it has seen."""
+        self.cache = KVCache(self.head.config, 1, size, self.model.dtype, self.model.device)
+        self.cache.k[..., :start, :] = 0  # never attended; zero so that no NaN of empty memory enters a sum
+        self.cache.v[..., :start, :] = 0
+        self.cache.length = self.seen_from = start
 
     def _advance(self, token: int) -> torch.Tensor:
         """The head one position on, reading `token` and its own last output -> the next logits."""
@@ -114,8 +125,12 @@ class MTPProposer:
         self._make_room(T)
         embeds = self.model.model.embed_tokens(torch.tensor([ids], device=self.model.device))  # (1, T, H)
         positions, masks = self.cache.begin(None, T)
+        mask = masks[0]
+        if self.seen_from:
+            S = self.cache.length + T
+            mask = slot_masks(positions, S, [None], torch.arange(S, device=positions.device)[None] >= self.seen_from)[0]
         cos, sin = self.model.rope.cos_sin(positions, embeds.dtype)
-        y = self.head(embeds, hidden, cos, sin, masks[0], self.cache)
+        y = self.head(embeds, hidden, cos, sin, mask, self.cache)
         self.cache.end(T)
         return y
 
