@@ -130,13 +130,15 @@ class WireChunk:
 
     @property
     def seq(self) -> "_BaseRow":
-        """The runner asks each chunk's sequence for its LoRA adapter: workers run the base model."""
+        """The runner asks each chunk's sequence for its LoRA adapter (workers run the base model)
+        and whether it keeps hidden states for an MTP proposer (rank 0's concern alone)."""
         return _BASE_ROW
 
 
 @dataclass(frozen=True)
 class _BaseRow:
     adapter: None = None
+    hidden: None = None
 
 
 _BASE_ROW = _BaseRow()
