@@ -11,6 +11,7 @@ import json
 import re
 from datetime import datetime
 from functools import lru_cache
+from pathlib import Path
 
 import jinja2
 from jinja2.ext import loopcontrols
@@ -25,6 +26,15 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
+
+# Publishers' templates for checkpoints of a known line that ship none (templates/README.md
+# names each file's source). Keys: config.json `model_type` and GGUF `general.architecture`.
+_TEMPLATE_DIR = Path(__file__).parent / "templates"
+BUILTIN_TEMPLATES = {
+    "qwen3_5": "qwen3_5.jinja", "qwen3_5_text": "qwen3_5.jinja",
+    "qwen3_5_moe": "qwen3_5.jinja", "qwen3_5_moe_text": "qwen3_5.jinja",
+    "qwen35": "qwen3_5.jinja", "qwen35moe": "qwen3_5.jinja",
+}
 
 # Noncharacters-adjacent private-use code points (plane 15) that no real text needs.
 MARK_START, MARK_END = "\U000f0000", "\U000f0001"
@@ -51,6 +61,12 @@ def compile_template(template: str) -> jinja2.Template:
         return env.from_string(template)
     except jinja2.TemplateError as e:
         raise TokenizerError(f"chat template does not compile: {e}") from e
+
+
+def builtin_template(model_type: str | None) -> str | None:
+    """The publisher's template for a model line (None for lines without one: ChatML then)."""
+    name = BUILTIN_TEMPLATES.get(model_type or "")
+    return (_TEMPLATE_DIR / name).read_text(encoding="utf-8") if name else None
 
 
 def prepare_messages(messages: list[dict]) -> list[dict]:

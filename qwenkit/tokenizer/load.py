@@ -2,14 +2,15 @@
 
 A directory may hold `tokenizer.json`, `vocab.json` + `merges.txt`, or `qwen.tiktoken`, with
 `tokenizer_config.json` (template, special-token names) and `generation_config.json` (the
-ids that end a turn); a `.gguf` file carries all of it in its metadata.
+ids that end a turn); a `.gguf` file carries all of it in its metadata. A checkpoint of a known
+line that ships no template gets its publisher's (`chat.builtin_template`, by model type).
 """
 
 import json
 from pathlib import Path
 
 from ..errors import TokenizerError
-from . import sources
+from . import chat, sources
 from .tokenizer import Tokenizer
 
 _NAMED_SPECIALS = ("bos_token", "eos_token", "pad_token", "unk_token")
@@ -77,8 +78,11 @@ def _from_files(root: Path, backend, source: str) -> Tokenizer:
         names = {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
     ids = {k: backend.token_to_id(v) for k, v in names.items()}
     eos = _as_list(generation.get("eos_token_id")) or [i for i in [ids.get("eos_token")] if i is not None]
+    own = _chat_template(root, config)
+    model_type = (_read_json(root / "config.json") or {}).get("model_type")
     return Tokenizer(
-        backend, chat_template=_chat_template(root, config), eos_token_ids=eos,
+        backend, chat_template=own or chat.builtin_template(model_type), template_is_builtin=own is None,
+        eos_token_ids=eos,
         bos_token_id=generation.get("bos_token_id", ids.get("bos_token")),
         pad_token_id=generation.get("pad_token_id", ids.get("pad_token")),
         template_vars=names, source=source)
@@ -94,8 +98,10 @@ def _from_gguf(path: Path) -> Tokenizer:
     key_ids = {k: meta.get(f"tokenizer.ggml.{key}") for k, key in
                (("bos_token", "bos_token_id"), ("eos_token", "eos_token_id"), ("pad_token", "padding_token_id"))}
     names = {k: tokens[i] for k, i in key_ids.items() if i is not None and 0 <= i < len(tokens)}
+    own = meta.get("tokenizer.chat_template")
     return Tokenizer(
-        backend, chat_template=meta.get("tokenizer.chat_template"),
+        backend, chat_template=own or chat.builtin_template(meta.get("general.architecture")),
+        template_is_builtin=own is None,
         eos_token_ids=eos_token_ids(meta),
         bos_token_id=key_ids["bos_token"], pad_token_id=key_ids["pad_token"],
         template_vars=names, source=str(path))

@@ -23,7 +23,7 @@ class Tokenizer:
     def __init__(self, backend: Backend, *, chat_template: str | None = None,
                  eos_token_ids: list[int] = (), bos_token_id: int | None = None,
                  pad_token_id: int | None = None, template_vars: dict[str, str] | None = None,
-                 source: str = ""):
+                 source: str = "", template_is_builtin: bool = False):
         self._backend = backend
         self._plain = _without_added_tokens(backend)
         added = backend.get_added_tokens_decoder()
@@ -32,7 +32,8 @@ class Tokenizer:
         self.special_tokens: dict[str, int] = {t.content: i for i, t in sorted(added.items())}
         self.control_token_ids = frozenset(i for i, t in added.items() if t.special)
         self.chat_template = chat_template or chat.CHATML_TEMPLATE
-        self.has_own_chat_template = chat_template is not None
+        # False for ChatML and for a built-in template: the checkpoint shipped none.
+        self.has_own_chat_template = chat_template is not None and not template_is_builtin
         self.eos_token_ids = list(eos_token_ids)
         self.bos_token_id, self.pad_token_id = bos_token_id, pad_token_id
         self.vocab_size = backend.get_vocab_size(with_added_tokens=True)
