@@ -50,6 +50,16 @@ def _hybrid(model_type: str, **fields) -> dict:
             "tie_word_embeddings": False, **fields}
 
 
+def _qwen35(model_type: str = "qwen3_5_text", **fields) -> dict:
+    """A Qwen3.5 text config: every size shares the vocabulary, rope and DeltaNet key heads."""
+    rope = {"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}
+    return _hybrid(model_type, vocab_size=248320, linear_num_key_heads=16, rope_parameters=rope, **fields)
+
+
+def _qwen35_moe(**fields) -> dict:
+    return _qwen35("qwen3_5_moe_text", **fields)
+
+
 PRESETS: dict[str, dict] = {
     # Qwen2.5 base releases (Qwen/Qwen2.5-*)
     "qwen2.5-0.5b": _qwen2(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
@@ -101,7 +111,9 @@ PRESETS: dict[str, dict] = {
                                 num_attention_heads=32, num_key_value_heads=4, moe_intermediate_size=768),
     "qwen3-235b-a22b": _qwen3_moe(hidden_size=4096, intermediate_size=12288, num_hidden_layers=94,
                                   num_attention_heads=64, num_key_value_heads=4, moe_intermediate_size=1536),
-    # Qwen3-Next: Qwen/Qwen3-Next-80B-A3B-Instruct's config.json ("80B in total and 3B activated").
+    # Qwen3-Next: Qwen/Qwen3-Next-80B-A3B-Instruct's config.json ("80B in total and 3B activated"),
+    # checked against slime's training script for it (width, layers, heads, experts, rope) and
+    # llama.cpp's Qwen3-Coder-Next snapshot (same shape); DeltaNet heads 16 key / 32 value.
     "qwen3-next-80b-a3b": _hybrid("qwen3_next", vocab_size=151936, hidden_size=2048, intermediate_size=5120,
                                   num_hidden_layers=48, num_attention_heads=16, num_key_value_heads=2,
                                   linear_num_key_heads=16, linear_num_value_heads=32, num_experts=512,
@@ -109,17 +121,34 @@ PRESETS: dict[str, dict] = {
                                   shared_expert_intermediate_size=512, norm_topk_prob=True, decoder_sparse_step=1,
                                   mlp_only_layers=[], rope_theta=10000000.0, partial_rotary_factor=0.25,
                                   bos_token_id=BOS, eos_token_id=IM_END),
-    # Qwen3.5 text models: the shapes transformers 5.25 documents as Qwen3.5-9B (Qwen3_5TextConfig's
-    # defaults) and Qwen3.5-35B-A3B (Qwen3_5MoeTextConfig's defaults); vision towers not counted.
-    "qwen3.5-9b": _hybrid("qwen3_5_text", vocab_size=248320, hidden_size=4096, intermediate_size=12288,
-                          num_hidden_layers=32, num_attention_heads=16, num_key_value_heads=4,
-                          linear_num_key_heads=16, linear_num_value_heads=32,
-                          rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}),
-    "qwen3.5-35b-a3b": _hybrid("qwen3_5_moe_text", vocab_size=248320, hidden_size=2048, num_hidden_layers=40,
-                               num_attention_heads=16, num_key_value_heads=2, linear_num_key_heads=16,
-                               linear_num_value_heads=32, num_experts=256, num_experts_per_tok=8,
-                               moe_intermediate_size=512, shared_expert_intermediate_size=512,
-                               rope_parameters={"rope_type": "default", "rope_theta": 10000000.0, "partial_rotary_factor": 0.25}),
+    # Qwen3.5 text models (Qwen/Qwen3.5-*, the text_config of each config.json; vision towers not
+    # counted). The values as quoted in public code that reads those files: a table of every size
+    # in a JAX port of Qwen3.5, the 0.8B's whole config.json (revision 2fc06364), llama.cpp's
+    # quantization snapshots (27B, 397B-A17B: width, layers, heads, vocabulary) and slime's training
+    # scripts (0.8B, 27B, 35B-A3B); where they overlap they agree. 9B and 35B-A3B are also
+    # transformers' Qwen3_5TextConfig / Qwen3_5MoeTextConfig defaults.
+    "qwen3.5-0.8b": _qwen35(hidden_size=1024, intermediate_size=3584, num_hidden_layers=24, num_attention_heads=8,
+                            num_key_value_heads=2, linear_num_value_heads=16, tie_word_embeddings=True),
+    "qwen3.5-2b": _qwen35(hidden_size=2048, intermediate_size=6144, num_hidden_layers=24, num_attention_heads=8,
+                          num_key_value_heads=2, linear_num_value_heads=16, tie_word_embeddings=True),
+    "qwen3.5-4b": _qwen35(hidden_size=2560, intermediate_size=9216, num_hidden_layers=32, num_attention_heads=16,
+                          num_key_value_heads=4, linear_num_value_heads=32, tie_word_embeddings=True),
+    "qwen3.5-9b": _qwen35(hidden_size=4096, intermediate_size=12288, num_hidden_layers=32, num_attention_heads=16,
+                          num_key_value_heads=4, linear_num_value_heads=32),
+    "qwen3.5-27b": _qwen35(hidden_size=5120, intermediate_size=17408, num_hidden_layers=64, num_attention_heads=24,
+                           num_key_value_heads=4, linear_num_value_heads=48),
+    "qwen3.5-35b-a3b": _qwen35_moe(hidden_size=2048, num_hidden_layers=40, num_attention_heads=16,
+                                   num_key_value_heads=2, linear_num_value_heads=32, num_experts=256,
+                                   num_experts_per_tok=8, moe_intermediate_size=512,
+                                   shared_expert_intermediate_size=512),
+    "qwen3.5-122b-a10b": _qwen35_moe(hidden_size=3072, num_hidden_layers=48, num_attention_heads=32,
+                                     num_key_value_heads=2, linear_num_value_heads=64, num_experts=256,
+                                     num_experts_per_tok=8, moe_intermediate_size=1024,
+                                     shared_expert_intermediate_size=1024),
+    "qwen3.5-397b-a17b": _qwen35_moe(hidden_size=4096, num_hidden_layers=60, num_attention_heads=32,
+                                     num_key_value_heads=2, linear_num_value_heads=64, num_experts=512,
+                                     num_experts_per_tok=10, moe_intermediate_size=1024,
+                                     shared_expert_intermediate_size=1024),
 }
 
 

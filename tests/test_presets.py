@@ -17,11 +17,14 @@ PUBLISHED_TOTAL = {
     "qwen1.5-moe-a2.7b": "14.3", "qwen2-57b-a14b": "57",
     "qwen3-0.6b": "0.6", "qwen3-1.7b": "1.7", "qwen3-4b": "4.0", "qwen3-8b": "8.2", "qwen3-14b": "14.8",
     "qwen3-32b": "32.8", "qwen3-30b-a3b": "30.5", "qwen3-235b-a22b": "235",
-    # The hybrids' names state their size (Qwen3.5's also counts a vision tower, not counted here).
-    "qwen3-next-80b-a3b": "80", "qwen3.5-9b": "9", "qwen3.5-35b-a3b": "35",
+    # The hybrids' cards state the size of their names (Qwen3.5's also counts a vision tower of
+    # 0.1-0.4B, not counted here; each text total still lies within the printed digit).
+    "qwen3-next-80b-a3b": "80", "qwen3.5-0.8b": "0.8", "qwen3.5-2b": "2", "qwen3.5-4b": "4", "qwen3.5-9b": "9",
+    "qwen3.5-27b": "27", "qwen3.5-35b-a3b": "35", "qwen3.5-122b-a10b": "122", "qwen3.5-397b-a17b": "397",
 }
 PUBLISHED_ACTIVE = {"qwen1.5-moe-a2.7b": "2.7", "qwen2-57b-a14b": "14", "qwen3-30b-a3b": "3.3", "qwen3-235b-a22b": "22",
-                    "qwen3-next-80b-a3b": "3", "qwen3.5-35b-a3b": "3"}
+                    "qwen3-next-80b-a3b": "3", "qwen3.5-35b-a3b": "3", "qwen3.5-122b-a10b": "10",
+                    "qwen3.5-397b-a17b": "17"}
 # Exact element counts of the released safetensors (Hugging Face hub model API).
 HUB_ELEMENTS = {"qwen2.5-0.5b": 494_032_768, "qwen2.5-7b": 7_615_616_512, "qwen2.5-72b": 72_706_203_648}
 # The sparse-step rules below are the qwen2_moe/qwen3_moe lines' (Qwen3.5-MoE makes every layer sparse).
@@ -91,6 +94,25 @@ def test_qwen3_shapes_are_the_released_ones():
     assert (moe.num_hidden_layers, moe.num_attention_heads, moe.num_key_value_heads, moe.hidden_size,
             moe.num_experts, moe.num_experts_per_tok, moe.moe_intermediate_size) == (94, 64, 4, 4096, 128, 8, 1536)
     assert tiny.qk_norm and not tiny.qkv_bias and moe.shared_expert_intermediate_size == 0
+
+
+def test_hybrid_shapes_are_the_released_ones():
+    # (layers, width, heads, KV heads, DeltaNet key / value heads, experts, top-k, tied): llama.cpp's
+    # snapshots give the 27B and 397B-A17B widths, layers and heads; the rest their config.json.
+    def hybrid(name):
+        c = get_preset(name)
+        return (c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.num_key_value_heads,
+                c.linear_num_key_heads, c.linear_num_value_heads, c.num_experts, c.num_experts_per_tok,
+                c.tie_word_embeddings)
+    assert hybrid("qwen3.5-0.8b") == (24, 1024, 8, 2, 16, 16, 0, 0, True)
+    assert hybrid("qwen3.5-27b") == (64, 5120, 24, 4, 16, 48, 0, 0, False)
+    assert hybrid("qwen3.5-397b-a17b") == (60, 4096, 32, 2, 16, 64, 512, 10, False)
+    assert hybrid("qwen3-next-80b-a3b") == (48, 2048, 16, 2, 16, 32, 512, 10, False)
+    for name in ("qwen3.5-0.8b", "qwen3.5-122b-a10b", "qwen3-next-80b-a3b"):
+        c = get_preset(name)
+        assert c.layer_types == tuple("full_attention" if i % 4 == 3 else "linear_attention"
+                                      for i in range(c.num_hidden_layers))
+        assert c.head_dim == 256 and c.vocab_size == (151936 if "next" in name else 248320)
 
 
 def test_chat_and_coder_releases_share_the_base_shape():
