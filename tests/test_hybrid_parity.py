@@ -42,15 +42,28 @@ def _chunked_vs_whole(model, chunk: int) -> float:
     return rel_diff(torch.cat(parts, dim=1), whole)
 
 
+def _reference_chunked_vs_whole(ref, chunk: int) -> float:
+    """The same measure for transformers' model, prefilling through its own cache."""
+    ids = _ids(100, seed=4)
+    with torch.no_grad():
+        whole, cache, parts = ref(ids).logits, None, []
+        for i in range(0, 100, chunk):
+            out = ref(ids[:, i : i + chunk], past_key_values=cache, use_cache=True)
+            cache = out.past_key_values
+            parts.append(out.logits)
+    return rel_diff(torch.cat(parts, dim=1), whole)
+
+
 @pytest.mark.parametrize("chunk", [1, 7, 64])
 def test_chunked_prefill_equals_whole(pair, chunk):
-    """Float64, so that the comparison is of the state carried between calls, not of rounding: in
-    float32 the DeltaNet's output norm, over a head whose output has decayed to ~1e-4, turns a
-    1-ulp difference of summation order into up to 2e-4 of the logits (the reference does the same)."""
-    ours, _ = pair
+    """Float64 to 1e-9: the state carried between calls is exact. Float32 within 1e-4, or where a
+    tiny model's rounding does not allow it, no worse than transformers' own chunked prefill
+    (docs/hybrid.md, "Parity", has the measurements: the q/k/v the rule reads carry float32
+    rounding, which heads whose output has decayed to ~1e-4 carry through the output norm)."""
+    ours, ref = pair
     assert _chunked_vs_whole(ours.double(), chunk) < 1e-9
     ours.float()
-    assert _chunked_vs_whole(ours, chunk) < 1e-3
+    assert _chunked_vs_whole(ours, chunk) < max(TOL, 1.5 * _reference_chunked_vs_whole(ref, chunk))
 
 
 def test_left_padded_batch_equals_each_sequence_alone(pair):
