@@ -212,3 +212,29 @@ def test_serve_answers_a_chat_on_a_hybrid_checkpoint_and_counts_prefix_hits(tmp_
     hits = float(re.search(r"^vllm:prefix_cache_hits_total(?:{[^}]*})? (\S+)", metrics, re.M).group(1))
     rate = float(re.search(r"^qwenkit_prefix_cache_hit_rate (\S+)", metrics, re.M).group(1))
     assert hits == shared and rate == pytest.approx(shared / sum(map(len, prompts)), abs=1e-6)
+
+
+def test_n_choices_on_a_hybrid_share_the_prompt_through_its_snapshot(model):
+    """Samples of one prompt (`after=`): the followers wait for the leader's prompt, start from the
+    state snapshot at its last grid point and sample exactly what each draws alone."""
+    from qwenkit.server.choices import choice_seed
+
+    prompt = random_prompts(1, 21, 22, 256, seed=11)[0]
+    params = SamplingParams(max_tokens=8, temperature=1.0, seed=5)
+    settings = EngineSettings(block_size=4, num_blocks=40, max_prefill_tokens=8, state_snapshot_interval=8)
+    engine = Engine(model, settings)
+    first = engine.add_request(prompt, params)
+    ids = [first] + [engine.add_request(prompt, params.replace(seed=choice_seed(5, k)), after=first) for k in (1, 2)]
+    out = {i: [] for i in ids}
+    while engine.has_unfinished():
+        for o in engine.step():
+            out[o.request_id] += o.token_ids
+    assert engine.metrics()["prefix_cache_hit_tokens"] == 2 * 16  # each follower started at 16
+    for k, rid in enumerate(ids):
+        alone = Engine(model, settings)
+        alone.add_request(prompt, params.replace(seed=choice_seed(5, k)), request_id="x")
+        got = []
+        while alone.has_unfinished():
+            got += [t for o in alone.step() for t in o.token_ids]
+        assert out[rid] == got
+    assert len({tuple(v) for v in out.values()}) > 1
