@@ -130,20 +130,20 @@ def test_engine_mtp_guesses_equal_the_head_run_over_the_whole_text(mtp_model):
     from qwenkit.speculative.mtp import MTPProposer
 
     prompt = random_prompts(1, 21, 22, VOCAB, seed=8)[0]
-    params = SamplingParams(max_tokens=20, temperature=0, speculative=SpeculativeParams("mtp", 3))
+    params = SamplingParams(max_tokens=40, temperature=0, speculative=SpeculativeParams("mtp", 3))
     engine = Engine(mtp_model, EngineSettings(block_size=4, num_blocks=20, max_prefill_tokens=8))
     made, propose = [], engine.speculation.propose
 
-    def spy(seq, most):
-        guesses = propose(seq, most)
+    def spy(seq, *args):
+        guesses = propose(seq, *args)
         made.append((list(seq.token_ids), guesses))
         return guesses
     engine.scheduler.propose = spy
     engine.add_request(prompt, params)
     while engine.has_unfinished():
         engine.step()
-    made = [(tokens, guesses) for tokens, guesses in made if guesses]  # none when max_tokens is near
-    assert len(made) > 3
+    made = [(tokens, guesses) for tokens, guesses in made if guesses]  # none when backed off or at the end
+    assert len(made) >= 4
     for tokens, guesses in made:
         with torch.inference_mode():
             _, hidden = mtp_model(torch.tensor([tokens[:-1]]), return_hidden=True)

@@ -176,7 +176,9 @@ class Engine:
         samples, failures = self._run(chunks)
         for chunk, sample in zip(chunks, samples):
             if chunk.draft and sample is not None:
-                self.stats.on_draft(len(chunk.draft), num_kept([s.token_id for s in sample], chunk.draft))
+                kept = num_kept([s.token_id for s in sample], chunk.draft)
+                self.stats.on_draft(len(chunk.draft), kept)
+                self.speculation.saw(chunk.seq, len(chunk.draft), kept)
         self.scheduler.postprocess(chunks, [_token_ids(s) for s in samples])
         for chunk in chunks:
             self._release_followers(chunk.seq)

@@ -9,7 +9,8 @@ sequence needs a block and none is free, the newest running sequence is preempte
 are freed and it waits at the front of the queue to be recomputed (prompt and output so far).
 
 Speculative decoding: a decoding sequence may carry a `draft` (guessed next tokens, from the
-`propose` callback) checked in the same step; they take slots while free blocks last (a draft
+`propose` callback, told how many other sequences decode this step, as each guess is one more
+row beside theirs) checked in the same step; they take slots while free blocks last (a draft
 never preempts anyone) and at most `max_rows` one-token rows run a step in all. Afterwards the
 sequence keeps what the runner kept (`postprocess` takes a list of tokens for such a chunk) and
 the blocks only rejected guesses reached go back to the pool.
@@ -50,7 +51,7 @@ class Chunk:
 class Scheduler:
     def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_prefill_tokens: int,
                  eos_token_ids=(), max_model_len: int | None = None, deterministic: bool = False,
-                 propose: Callable[[Sequence, int], list[int]] | None = None, max_rows: int = 16,
+                 propose: Callable[[Sequence, int, int], list[int]] | None = None, max_rows: int = 16,
                  align: int | None = None):
         self.blocks = block_manager
         self.max_num_seqs = max_num_seqs
@@ -58,7 +59,7 @@ class Scheduler:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.max_model_len = max_model_len
         self.deterministic = deterministic
-        self.propose = propose  # (seq, at most n) -> guessed tokens; None: no speculation
+        self.propose = propose  # (seq, at most n, other decode rows) -> guessed tokens; None: no speculation
         self.max_rows = max_rows  # one-token rows a step, drafts included, beyond which no guesses are made
         self.align = align  # prefill chunks end at multiples of it (where a hybrid's state is kept); None: anywhere
         self.waiting: deque[Sequence] = deque()
@@ -83,12 +84,13 @@ class Scheduler:
         """Chunks for running sequences, oldest first; also whether any sequence was preempted."""
         chunks, preemptions, i = [], self.num_preemptions, 0
         spare_rows = self.max_rows - len(self.running)
+        decoding = sum(s.num_uncomputed_tokens == 1 for s in self.running)  # rows of the decode call
         while i < len(self.running):
             seq = self.running[i]
             if seq.num_uncomputed_tokens == 1:
                 if not self._make_room(seq):
                     break  # seq itself was the newest, so nothing follows it
-                draft = self._draft(seq, spare_rows, len(self.running) - i - 1)
+                draft = self._draft(seq, spare_rows, len(self.running) - i - 1, decoding - 1)
                 spare_rows -= len(draft)
                 chunks.append(Chunk(seq, seq.num_computed_tokens, 1, draft))
             elif (n := self.chunk_size(seq, budget)) > 0:
@@ -107,13 +109,13 @@ class Scheduler:
         self.blocks.append_slots(seq)
         return True
 
-    def _draft(self, seq: Sequence, spare_rows: int, reserve: int) -> list[int]:
+    def _draft(self, seq: Sequence, spare_rows: int, reserve: int, others: int) -> list[int]:
         """Guesses for seq's next tokens, with slots for them, while rows and free blocks last
         (`reserve` blocks stay free: a block for each sequence after it, so guesses never cost a
-        preemption)."""
+        preemption); `others`: the other sequences' rows in the decode call."""
         if self.propose is None or spare_rows < 1:
             return []
-        draft = self.propose(seq, spare_rows)
+        draft = self.propose(seq, spare_rows, others)
         need = self.blocks.blocks_for(len(seq) + len(draft)) - len(seq.block_table)
         if not draft or need + reserve > self.blocks.num_free_blocks:
             return []

@@ -14,12 +14,21 @@ the blocks only rejected guesses reached.
 
 Guesses stop short of max_tokens and the context, so a step never computes a token the request
 could not keep.
+
+Back-off: each speculating sequence has its own `Lookahead` (speculative/lookahead.py, the one
+`generate` uses), told after every drafted step how many guesses were kept. It proposes as many
+guesses as pay off beside the step's other decode rows, each guess one row more at the fixed
+`ROW_COST` of a row (no timings: a step's time depends on its neighbours and on prefill chunks),
+none while they do not pay, then one every PROBE_EVERY steps. `num_speculative_tokens` is the
+most it proposes. A seeded request's k is reckoned as if alone (its acceptance only), so its
+tokens do not depend on what it is batched with; others take the batch into account.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ..speculative.lookahead import Lookahead
 from ..speculative.proposers import NgramProposer, Proposer
 from .sequence import Sequence, TokenSequence
 
@@ -29,6 +38,7 @@ class Speculation:
         self.max_model_len = max_model_len
         self.model = model  # the target, whose MTP head "mtp" requests guess with
         self.proposers: dict[int, Proposer] = {}  # seq_id -> its proposer
+        self.lookahead: dict[int, Lookahead] = {}  # seq_id -> its back-off
         self._head = None
 
     def mtp_head(self):
@@ -40,13 +50,18 @@ class Speculation:
             self._head = load_head(self.model)
         return self._head
 
-    def propose(self, seq: Sequence, most: int) -> list[int]:
-        """Up to `most` guessed tokens after seq's (none when it did not ask for speculation)."""
+    def propose(self, seq: Sequence, most: int, others: int = 0) -> list[int]:
+        """Up to `most` guessed tokens after seq's, beside `others` decode rows of other sequences
+        this step (none when it did not ask for speculation or guessing does not pay now)."""
         spec = seq.params.speculative
         if spec is None:
             return []
+        look = self.lookahead.get(seq.seq_id)
+        if look is None:
+            look = self.lookahead[seq.seq_id] = Lookahead(spec.num_speculative_tokens)
+        k = look.k(0 if seq.params.seed is not None else others)
         room = min(seq.params.max_tokens - seq.num_output_tokens, self.max_model_len - len(seq)) - 1
-        k = min(spec.num_speculative_tokens, most, room)
+        k = min(k, most, room)
         if k < 1:
             return []
         proposer = self.proposers.get(seq.seq_id)
@@ -63,6 +78,11 @@ class Speculation:
         view.token_ids = seq.token_ids
         return proposer.propose(view, k, None, hidden).tokens
 
+    def saw(self, seq: Sequence, proposed: int, kept: int) -> None:
+        """A drafted step's outcome for seq: `kept` of its `proposed` guesses were kept."""
+        if seq.seq_id in self.lookahead:
+            self.lookahead[seq.seq_id].saw(proposed, kept)
+
     def _new_proposer(self, spec) -> Proposer:
         if spec.method == "mtp":
             from ..speculative.mtp import MTPProposer
@@ -72,6 +92,7 @@ class Speculation:
 
     def release(self, seq: Sequence) -> None:
         self.proposers.pop(seq.seq_id, None)
+        self.lookahead.pop(seq.seq_id, None)
 
 
 def take_hidden(seq: Sequence) -> torch.Tensor | None:

@@ -3,13 +3,10 @@ trim the cache back over the rest; and back off while proposals do not pay for t
 Before each call the loop tells the cache how many of its tokens may be taken back
 (`Cache.expect_trim`): a hybrid model's recurrent layers then keep their state after each.
 
-A verify call of 1 + k tokens costs about (1 + alpha * k) one-token steps (alpha measured as it
-goes: ~0.3 for the default model's int8 step on a 2-core AVX-512 host, near 0 where decode is
-far from compute-bound). With each proposal kept with probability a (given the ones before it
-were), k proposals yield (1 - a^(k+1)) / (1 - a) tokens a call; `Lookahead` picks the k that
-maximizes tokens per unit of time, zero (a plain step) when none beats 1, and still tries one
-proposal every PROBE_EVERY plain steps so that a stretch where guessing pays again is noticed.
-A seeded request keeps alpha fixed: k then depends on the tokens alone, so the seed fixes them.
+How many to propose is `Lookahead`'s choice (lookahead.py, shared with the batching engine): a
+verify call of 1 + k tokens costs about (1 + alpha * k) one-token steps, alpha measured here as
+the loop goes (`Lookahead.timed`). A seeded request keeps alpha fixed: k then depends on the
+tokens alone, so the seed fixes them.
 """
 
 from __future__ import annotations
@@ -21,10 +18,10 @@ from typing import Iterator
 import torch
 
 from ..backends import cpu_kernels, decode_step, verify_step
+from .lookahead import Lookahead
 from .verify import accept, num_kept
 
 MAX_PROPOSALS = min(8, cpu_kernels.MAX_ROWS - 1)  # the verify step takes up to MAX_ROWS tokens
-PROBE_EVERY = 8
 
 
 @dataclass
@@ -53,41 +50,6 @@ class SpecStats:
         return self.accepted / self.verify_calls if self.verify_calls else 0.0
 
 
-class Lookahead:
-    """How many tokens to propose next, from the acceptance and step costs seen so far."""
-
-    def __init__(self, most: int = MAX_PROPOSALS, alpha: float = 0.3, rate: float = 0.7, timed: bool = True):
-        self.most, self.alpha, self.rate, self.timed = most, alpha, rate, timed
-        self.one_step: float | None = None  # seconds of a plain step (moving average)
-        self.since_probe = 0
-
-    def k(self) -> int:
-        def gain(k: int) -> float:
-            a = min(self.rate, 0.999)
-            return (1 - a ** (k + 1)) / (1 - a) / (1 + self.alpha * k)
-        best = max(range(self.most + 1), key=gain)
-        if best == 0:
-            self.since_probe += 1
-            if self.since_probe >= PROBE_EVERY:
-                self.since_probe = 0
-                return 1
-        return best
-
-    def saw(self, proposed: int, kept: int, T: int, seconds: float) -> None:
-        """One call's outcome: `proposed` tokens offered, `kept` of them kept, T tokens in `seconds`."""
-        if proposed:  # per-proposal acceptance, as a moving average over about 8 proposals
-            tried = min(kept + 1, proposed)
-            for i in range(tried):
-                self.rate += 0.125 * ((i < kept) - self.rate)
-        if not self.timed:
-            return
-        if T == 1:
-            self.one_step = seconds if self.one_step is None else 0.8 * self.one_step + 0.2 * seconds
-        elif self.one_step:
-            alpha = max(seconds / self.one_step - 1, 0.0) / (T - 1)
-            self.alpha = 0.8 * self.alpha + 0.2 * alpha
-
-
 def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], max_tokens: int,
                        stats: SpecStats | None = None, hidden: torch.Tensor | None = None) -> Iterator[int]:
     """Tokens after seq.token_ids (whose last token is not yet in `cache`), appended to seq as
@@ -96,7 +58,8 @@ def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], ma
     them (`needs_hidden`); each later call hands it those of the positions it kept."""
     target = _target(model, proposer.needs_hidden)
     stats = stats if stats is not None else SpecStats()
-    look = Lookahead(timed=seq.params.seed is None)  # timings would make a seeded request's draws vary
+    look = Lookahead(MAX_PROPOSALS)
+    timed = seq.params.seed is None  # timings would make a seeded request's draws vary
     generator = None if seq.params.greedy else sampler.generator_for(seq)
     while seq.num_output_tokens < max_tokens:
         room = min(max_tokens - seq.num_output_tokens, cache.max_len - cache.length) - 1
@@ -107,7 +70,9 @@ def speculative_tokens(model, seq, sampler, cache, proposer, stops: set[int], ma
         logits, hidden = target(ids, cache, bool(proposal.tokens))  # (T or 1, V), (T, H) or None
         new = accept(logits, proposal, seq, sampler, stops, max_tokens)
         kept = num_kept(new, proposal.tokens)
-        look.saw(len(proposal.tokens), kept, ids.shape[1], time.perf_counter() - start)
+        look.saw(len(proposal.tokens), kept)
+        if timed:
+            look.timed(ids.shape[1], time.perf_counter() - start)
         stats.add(len(proposal.tokens), kept)
         cache.trim(ids.shape[1] - len(new))  # keeps the last token and the kept proposals
         hidden = None if hidden is None else hidden[:len(new)]
