@@ -132,9 +132,17 @@ static void quantize_rows_q8(const float *x, int8_t *xq, float *xs, float *xsum,
 }
 
 // 8 int32 lanes, each the sum of 4 of the 32 products u[j] * s[j] (u unsigned 0..255, s signed).
+// With AVX512-VNNI (built with QK_VNNI where the host has it) one vpdpbusd gives the same sums
+// (the pair sums never saturate: see rows_i8), where AVX2 needs maddubs and madd.
+#ifdef QK_VNNI
+static inline __m256i dot_u8s8(__m256i u, __m256i s) {
+    return _mm256_dpbusd_epi32(_mm256_setzero_si256(), u, s);
+}
+#else
 static inline __m256i dot_u8s8(__m256i u, __m256i s) {
     return _mm256_madd_epi16(_mm256_maddubs_epi16(u, s), _mm256_set1_epi16(1));
 }
+#endif
 
 // S int8 weight rows against MB quantized rows of x (S, MB compile-time constants after
 // inlining); out[i][m0 + m] gets row i's dot with x row m. maddubs multiplies unsigned by signed

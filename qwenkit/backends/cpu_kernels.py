@@ -2,7 +2,9 @@
 
 No torch headers and no build system: one `cc -O3 -mavx2 -mfma -fopenmp -shared` of one file
 (about a second), cached under `$QWENKIT_HOME/kernels/` by a hash of the source and flags, written
-atomically. Where there is no compiler, no AVX2, or QWENKIT_CPU_KERNELS=0, `kernels()` is None and
+atomically. On a CPU with AVX512-VNNI the int8 dot products build as one `vpdpbusd` each instead
+of AVX2's maddubs + madd (`build_flags`): the same integers, so the same results bit for bit
+(tested), and a speculative verify call of 8 rows on the default model 13% faster. Where there is no compiler, no AVX2, or QWENKIT_CPU_KERNELS=0, `kernels()` is None and
 callers use torch's own ops; `why_unavailable()` says why.
 """
 
@@ -21,6 +23,7 @@ import torch
 
 SOURCE = Path(__file__).with_name("cpu_kernels.c")
 FLAGS = ["-O3", "-mavx2", "-mfma", "-mf16c", "-ffp-contract=off", "-fopenmp", "-shared", "-fPIC", "-lm"]
+VNNI_FLAGS = ["-mavx512vnni", "-mavx512vl", "-DQK_VNNI"]  # the int8 dot products in one instruction
 MAX_ROWS = 16  # rows of x one int8 GEMV call takes (the C side's MAX_ROWS)
 _why: list[str] = []
 
@@ -43,10 +46,15 @@ def kernels() -> ctypes.CDLL | None:
         _why.append("no C compiler (cc/gcc) on PATH")
         return None
     try:
-        lib = ctypes.CDLL(str(_build(compiler)))
+        return load(_build(compiler))
     except (OSError, subprocess.CalledProcessError) as e:
         _why.append(f"building {SOURCE.name} failed: {e}")
         return None
+
+
+def load(path: Path) -> ctypes.CDLL:
+    """A built library with its functions' signatures declared."""
+    lib = ctypes.CDLL(str(path))
     lib.qk_int8_gemv_f32.restype = lib.qk_int4_gemv_f32.restype = ctypes.c_int
     lib.qk_int8_gemv_f32.argtypes = [ctypes.c_void_p] * 5 + [ctypes.c_int64] * 3 + [ctypes.c_int]
     lib.qk_int4_gemv_f32.argtypes = [ctypes.c_void_p] * 6 + [ctypes.c_int64] * 3 + [ctypes.c_int]
@@ -82,11 +90,22 @@ class Layout(ctypes.Structure):
                 ("n_blocks", ctypes.c_int64), ("block_size", ctypes.c_int64)]
 
 
-def _build(compiler: str) -> Path:
+def build_flags(vnni: bool | None = None) -> list[str]:
+    """The compiler flags for this host: VNNI's when the CPU has AVX512-VNNI (`vnni` None), unless
+    QWENKIT_VNNI=0; `vnni` True/False forces either build (the tests compare them)."""
+    from .host import cpu_features
+
+    if vnni is None:
+        vnni = "AVX512-VNNI" in cpu_features() and os.environ.get("QWENKIT_VNNI", "1") != "0"
+    return FLAGS + VNNI_FLAGS if vnni else FLAGS
+
+
+def _build(compiler: str, flags: list[str] | None = None) -> Path:
     from ..paths import qwenkit_home
 
+    flags = build_flags() if flags is None else flags
     source = SOURCE.read_bytes()
-    digest = hashlib.sha256(source + " ".join([compiler, *FLAGS]).encode()).hexdigest()[:16]
+    digest = hashlib.sha256(source + " ".join([compiler, *flags]).encode()).hexdigest()[:16]
     out = qwenkit_home() / "kernels" / f"cpu_kernels-{digest}.so"
     if out.is_file():
         return out
@@ -94,7 +113,7 @@ def _build(compiler: str) -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
+        subprocess.run([compiler, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True)
         os.replace(tmp, out)  # atomic: a concurrent builder or a kill never leaves half a library
     finally:
         if os.path.exists(tmp):
