@@ -45,11 +45,13 @@ def kernels() -> ctypes.CDLL | None:
     if compiler is None:
         _why.append("no C compiler (cc/gcc) on PATH")
         return None
-    try:
-        return load(_build(compiler))
-    except (OSError, subprocess.CalledProcessError) as e:
-        _why.append(f"building {SOURCE.name} failed: {e}")
-        return None
+    for flags in dict.fromkeys(map(tuple, (build_flags(), FLAGS))):  # a compiler without VNNI flags: AVX2's
+        try:
+            return load(_build(compiler, list(flags)))
+        except (OSError, subprocess.CalledProcessError) as e:
+            error = e
+    _why.append(f"building {SOURCE.name} failed: {error}")
+    return None
 
 
 def load(path: Path) -> ctypes.CDLL:
