@@ -15,7 +15,7 @@ COMMANDS = {
     "info": ("qwenkit.commands.info", "architecture table: layers, heads, parameters, KV bytes per token"),
     "plan": ("qwenkit.commands.plan", "memory plan: does model M fit at dtype/context/batch on N devices"),
     "pull": ("qwenkit.commands.pull", "download and verify a known model into the local cache"),
-    "serve": ("qwenkit.server.app", "OpenAI-compatible HTTP server"),
+    "serve": ("qwenkit.server.command", "OpenAI-compatible HTTP server"),
     "train": ("qwenkit.train.cli", "train or fine-tune: pretrain, sft, dpo, grpo"),
     "eval": ("qwenkit.eval.cli", "benchmarks: humaneval, mbpp, gsm8k, perplexity, needle"),
     "bench": ("qwenkit.bench", "speed and memory against peers"),

@@ -90,6 +90,6 @@ def test_chat_and_completion_with_the_key(served):
 
 
 def test_binds_to_loopback_by_default():
-    from qwenkit.server.app import parser
+    from qwenkit.server.command import parser
 
     assert parser("qwenkit serve").parse_args([]).host == "127.0.0.1"

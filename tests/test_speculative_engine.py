@@ -167,7 +167,7 @@ def test_server_request_field_counts_drafts_in_metrics(server, model):
 
 def test_serve_flags_set_the_engine_default():
     from qwenkit.errors import ConfigError
-    from qwenkit.server.app import checked_flags, engine_settings, parser
+    from qwenkit.server.command import checked_flags, engine_settings, parser
 
     args = parser("qwenkit serve").parse_args(["--speculative", "ngram", "--num-speculative-tokens", "3"])
     assert engine_settings(args).speculative == SpeculativeParams(num_speculative_tokens=3)
